@@ -1,0 +1,134 @@
+"""Settings of the example project, read from the environment with django-environ.
+
+Every variable is optional and documented in ``example_project/.env.example``;
+copy it to ``example_project/.env`` (which is read if present) or export the
+variables. The defaults run on a fresh machine: SQLite, no Celery broker
+(delivery then runs through ``manage.py cdp_deliver``), and no data plane
+(messages wait in the outbox as ``pending``).
+"""
+
+from pathlib import Path
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent
+
+env = environ.Env()
+environ.Env.read_env(BASE_DIR / ".env")  # optional: missing file is fine
+
+SECRET_KEY = env("SECRET_KEY", default="django-cdp-example-insecure-key")
+DEBUG = env.bool("DEBUG", default=True)
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost"])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_cdp",
+    "example_project.shops",
+    "example_project.payouts",
+    "example_project.accounting",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "example_project.urls"
+WSGI_APPLICATION = "example_project.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+# SQLite by default; PostgreSQL with DATABASE_URL=postgres://user:password@host:5432/name.
+DATABASES = {
+    "default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}"),
+}
+# Each request is one transaction: a change and its outbox message commit together.
+DATABASES["default"]["ATOMIC_REQUESTS"] = True
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+USE_TZ = True
+TIME_ZONE = "UTC"
+LANGUAGE_CODE = "en-us"
+USE_I18N = True
+STATIC_URL = "/static/"
+
+# --- Celery -----------------------------------------------------------------------------------
+# Empty: no broker. Delivery then runs in the foreground with ``manage.py cdp_deliver``
+# (``--loop`` to keep running). With a broker (e.g. Redis on this machine:
+# redis://127.0.0.1:6379/0), commits kick the ``django_cdp.tasks.deliver`` task and a
+# worker (``celery -A example_project worker``) sends the messages.
+CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="")
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BEAT_SCHEDULE = {
+    # The periodic sweep: delivers whatever a kick missed (broker down at commit time,
+    # retries whose backoff has passed). Run it with ``celery -A example_project beat``.
+    "django-cdp-deliver": {"task": "django_cdp.tasks.deliver", "schedule": 30.0},
+}
+
+# --- django-cdp -------------------------------------------------------------------------------
+DJANGO_CDP = {
+    # Where messages go: RudderStack's data plane, Segment's HTTP API, or the local
+    # ``manage.py cdp_devserver``. Empty: messages wait in the outbox as pending.
+    "WRITE_KEY": env("RUDDERSTACK_WRITE_KEY", default=""),
+    "DATA_PLANE_URL": env("RUDDERSTACK_DATA_PLANE_URL", default=""),
+    # Without a broker nothing could run the Celery task: deliver with ``cdp_deliver``.
+    "DELIVERY": "celery" if CELERY_BROKER_URL else "manual",
+    # The merchant is the identified customer: one userId per shop.
+    "IDENTITY": {
+        "model": "shops.Shop",
+        "user_id": "id",
+        "traits": {
+            "domain": "domain",
+            "email": "email",
+            "xero_connection_ok": "xero_connection_ok",
+            "plan": "plan__name",
+        },
+    },
+    # Each registered model emits "<Verbose Name> Created|Updated|Deleted" tracks.
+    "MODELS": {
+        "shops.Shop": {"properties": ["domain", "active", "xero_connection_ok"]},
+        "payouts.Payout": {
+            "owner": "shop",
+            "properties": {"amount": "amount", "currency": "currency", "status": "status"},
+        },
+        "accounting.Mapping": {"owner": "shop", "properties": ["source", "account_code"]},
+        "accounting.ShopSettings": {
+            "owner": "shop",
+            "properties": ["sync_enabled", "payout_schedule"],
+            # Settings are not traits: a change need not re-identify the merchant.
+            "identify": False,
+        },
+    },
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {
+        "django_cdp": {"handlers": ["console"], "level": env("CDP_LOG_LEVEL", default="INFO")},
+    },
+}
