@@ -1,0 +1,15 @@
+from django.apps import AppConfig
+
+
+class DjangoCdpConfig(AppConfig):
+    name = "django_cdp"
+    verbose_name = "Customer data (django-cdp)"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        # Registering checks and wiring receivers never raises on a bad DJANGO_CDP
+        # dict: broken entries are skipped here and reported by ``manage.py check``.
+        from django_cdp import checks, receivers
+
+        checks.register()
+        receivers.connect()

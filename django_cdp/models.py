@@ -1,0 +1,121 @@
+"""The outbox: every message django-cdp will send, and the last traits sent per user.
+
+A :class:`Message` row is written in the same database transaction as the model
+change it describes, so a change and its message commit or roll back together.
+Delivery workers claim due rows, send them and record the outcome on the row,
+which makes the table the delivery log too.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class Message(models.Model):
+    """One Segment/RudderStack message, from the moment it is written until it is sent."""
+
+    class Type(models.TextChoices):
+        TRACK = "track", "track"
+        IDENTIFY = "identify", "identify"
+
+    class Status(models.TextChoices):
+        #: Waiting for delivery (due at ``next_attempt_at``), or leased by a worker.
+        PENDING = "pending", "pending"
+        #: Accepted by the data plane.
+        SENT = "sent", "sent"
+        #: Dead letter: refused by the data plane, out of attempts, or unsendable.
+        FAILED = "failed", "failed"
+        #: Kept back by tracking-plan validation; never sent.
+        BLOCKED = "blocked", "blocked"
+        #: Recorded while sending is switched off (``SEND = False``).
+        SKIPPED = "skipped", "skipped"
+
+    message_id = models.CharField(
+        "messageId",
+        max_length=64,
+        unique=True,
+        help_text="Fixed when the row is written and reused on every retry, so the data plane "
+        "can drop duplicates.",
+    )
+    type = models.CharField(max_length=16, choices=Type.choices)
+    event = models.CharField(max_length=200, blank=True, db_index=True)
+    user_id = models.CharField("userId", max_length=255, blank=True, db_index=True)
+    payload = models.TextField(
+        help_text="The message exactly as it is sent (compact JSON); delivery only adds sentAt."
+    )
+    status = models.CharField(
+        max_length=10, choices=Status.choices, default=Status.PENDING, db_index=True
+    )
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(
+        default=timezone.now,
+        help_text="When the message is next due. Every postponement (backoff, lease, "
+        "configuration error) is recorded here.",
+    )
+    locked_until = models.DateTimeField(null=True, blank=True)
+    locked_by = models.CharField(max_length=100, blank=True)
+    last_error = models.TextField(blank=True)
+    last_response_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    last_attempt_at = models.DateTimeField(null=True, blank=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+    source_model = models.CharField(
+        max_length=100, blank=True, help_text="app_label.model_name of the changed object."
+    )
+    source_pk = models.CharField(
+        max_length=64,
+        blank=True,
+        help_text="Primary key of the changed object (for an identify, the owner).",
+    )
+
+    class Meta:
+        verbose_name = "message"
+        verbose_name_plural = "messages"
+        ordering = ["-id"]
+        indexes = [
+            # The claim query: pending rows whose next_attempt_at has passed, in that order.
+            # Partial, so it holds only unfinished rows however many sent rows pile up.
+            models.Index(
+                fields=["next_attempt_at", "id"],
+                condition=Q(status="pending"),
+                name="django_cdp_message_due",
+            ),
+            models.Index(fields=["source_model", "source_pk"], name="django_cdp_message_source"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event or self.type} {self.message_id}"
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The stored payload as a dict."""
+        return json.loads(self.payload)
+
+
+class TraitsDigest(models.Model):
+    """The digest of the traits last identified for a user.
+
+    It lets django-cdp skip an identify whose traits have not changed, across
+    processes and restarts. It is written in the same transaction as the
+    identify it describes, cleared when that identify is dead-lettered (so the
+    traits are sent again), and never purged with old messages.
+    """
+
+    user_id = models.CharField("userId", max_length=255, primary_key=True)
+    digest = models.CharField(max_length=64)
+    message_id = models.CharField(
+        "messageId", max_length=64, help_text="The identify message that carried these traits."
+    )
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name = "traits digest"
+        verbose_name_plural = "traits digests"
+
+    def __str__(self) -> str:
+        return f"{self.user_id}: {self.digest[:12]}"

@@ -1,0 +1,536 @@
+"""Writing messages to the outbox, in the transaction of the change they describe.
+
+Every write happens inside ``atomic(savepoint=False)`` on the alias of the
+change: inside the user's transaction it adds no savepoint and commits or rolls
+back with the change; in autocommit it is a short transaction of its own.
+
+Within one transaction the writer coalesces: one event per object (several
+saves give one message with the final values; create then update is one
+``Created``; update then delete only ``Deleted``; create then delete nothing)
+and at most one identify per owner, with the final traits. It remembers what
+it wrote per transaction and per savepoint: each savepoint level in which it
+wrote registers a no-op ``on_commit`` marker, and Django discards the markers
+of a savepoint that rolls back, so an entry whose marker is gone was rolled
+back with its rows and is forgotten.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.db import DatabaseError, connections, models, transaction
+from django.db.models import Subquery
+from django.utils import timezone
+
+from django_cdp import payloads
+from django_cdp.models import Message, TraitsDigest
+from django_cdp.registry import CREATED, DELETED, UPDATED, ModelConfig, registry
+from django_cdp.settings import cdp_settings
+from django_cdp.signals import message_created
+
+logger = logging.getLogger("django_cdp")
+
+_BEFORE = "_django_cdp_before"
+_OWNER = "_django_cdp_owner"
+_STATE = "_django_cdp_transaction"
+
+Owner = tuple[Any, str | None]  # (pk of the identity row, userId)
+
+
+# --- per-transaction state ---------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    row_id: int | None  # None: nothing stored (an identify skipped as unchanged)
+    action: str
+    marker: Callable[[], None]
+    message_id: str = ""
+    # For changes: attname -> value to compare the final state with.
+    reference: dict[str, Any] = field(default_factory=dict)
+    digest: str = ""
+
+
+class _Transaction:
+    """What this process wrote in the current transaction of one connection."""
+
+    def __init__(self, using: str) -> None:
+        self.using = using
+        self.connection = connections[using]
+        self.changes: dict[tuple[str, Any], _Entry] = {}
+        self.identifies: dict[Any, _Entry] = {}
+        self.deleting: dict[Any, Callable[[], None]] = {}
+        self.wrote = False
+        self._markers: dict[tuple[str, ...], Callable[[], None]] = {}
+
+        def django_cdp_after_commit() -> None:
+            if self.connection.__dict__.get(_STATE) is self:
+                del self.connection.__dict__[_STATE]
+            if self.wrote:
+                from django_cdp.delivery import request_delivery
+
+                request_delivery(self.using)
+
+        self.root = django_cdp_after_commit
+        self.connection.on_commit(self.root, robust=True)
+        self._markers[tuple(self.connection.savepoint_ids)] = self.root
+
+    def marker(self) -> Callable[[], None]:
+        """The marker of the current savepoint level, registered on first use."""
+        sids = tuple(self.connection.savepoint_ids)
+        marker = self._markers.get(sids)
+        if marker is None:
+
+            def django_cdp_savepoint_marker() -> None:
+                """Does nothing: its presence says the savepoint was not rolled back."""
+
+            marker = django_cdp_savepoint_marker
+            self.connection.on_commit(marker)
+            self._markers[sids] = marker
+        return marker
+
+    def alive(self, marker: Callable[[], None]) -> bool:
+        return any(func is marker for _, func, _ in self.connection.run_on_commit)
+
+    def live(self, entries: dict, key: Any) -> _Entry | None:
+        """The entry for ``key`` unless its savepoint was rolled back (then it is dropped)."""
+        entry = entries.get(key)
+        if entry is not None and not self.alive(entry.marker):
+            del entries[key]
+            return None
+        return entry
+
+
+def _current(using: str, *, create: bool = True) -> _Transaction | None:
+    """The state of the open transaction on ``using`` (call inside an atomic block)."""
+    connection = connections[using]
+    state = connection.__dict__.get(_STATE)
+    if state is not None and state.alive(state.root):
+        return state
+    if not create or not connection.in_atomic_block:
+        return None
+    state = _Transaction(using)
+    connection.__dict__[_STATE] = state
+    return state
+
+
+# --- rows --------------------------------------------------------------------------------------
+
+
+def _store(
+    tx: _Transaction,
+    message: dict[str, Any],
+    *,
+    instance: models.Model | None,
+    source: tuple[type[models.Model], Any],
+) -> Message:
+    """Insert one message row, failed at once when it can never be sent."""
+    message = payloads.enrich(message, instance)
+    text = payloads.encode(message)
+    status, error = Message.Status.PENDING, ""
+    size = len(text.encode())
+    if not message.get("userId"):
+        status, error = Message.Status.FAILED, "no userId"
+    elif size > cdp_settings.MAX_MESSAGE_BYTES:
+        status = Message.Status.FAILED
+        error = f"too large ({size} > {cdp_settings.MAX_MESSAGE_BYTES} bytes)"
+    if status == Message.Status.FAILED:
+        logger.error(
+            "django-cdp: %s message %s for %s pk=%r is not sendable: %s",
+            message["type"],
+            message["messageId"],
+            source[0]._meta.label,
+            source[1],
+            error,
+        )
+    row = Message(
+        message_id=message["messageId"],
+        type=message["type"],
+        event=message.get("event", ""),
+        user_id=message.get("userId") or "",
+        payload=text,
+        status=status,
+        last_error=error,
+        source_model=source[0]._meta.label_lower,
+        source_pk=str(source[1]),
+    )
+    row.save(using=tx.using, force_insert=True)
+    tx.wrote = True
+    if message_created.has_listeners(Message):
+        message_created.send(sender=Message, message=row)
+    return row
+
+
+def _rewrite(tx: _Transaction, entry: _Entry, message: dict[str, Any], instance) -> None:
+    """Replace the payload of a row written earlier in this transaction (same messageId)."""
+    message["messageId"] = entry.message_id
+    message = payloads.enrich(message, instance)
+    Message.objects.using(tx.using).filter(pk=entry.row_id).update(
+        payload=payloads.encode(message), event=message.get("event", "")
+    )
+
+
+def _discard(tx: _Transaction, entry: _Entry) -> None:
+    if entry.row_id is not None:
+        Message.objects.using(tx.using).filter(pk=entry.row_id).delete()
+
+
+def _describe(instance: models.Model | None) -> str:
+    if instance is None:
+        return "(no object)"
+    return f"{instance._meta.label} pk={instance.pk!r}"
+
+
+# --- change detection --------------------------------------------------------------------------
+
+
+def _comparable(config: ModelConfig, attname: str, value: Any) -> Any:
+    field = config.column_fields[attname]
+    try:
+        return field.to_python(value)
+    except ValidationError:
+        return value
+
+
+def _columns(config: ModelConfig, update_fields: frozenset[str] | None) -> list[str]:
+    columns = list(config.tracked_columns)
+    if update_fields is not None:
+        names = {
+            f.attname
+            for f in config.model._meta.concrete_fields
+            if f.name in update_fields or f.attname in update_fields
+        }
+        columns = [c for c in columns if c in names]
+    return columns
+
+
+def before_save(
+    instance: models.Model,
+    config: ModelConfig,
+    using: str,
+    update_fields: frozenset[str] | None,
+) -> None:
+    """Remember the tracked columns as they are before an update (``pre_save``).
+
+    A narrow read of only those columns, skipped when the object is new, when
+    ``update_fields`` touches none of them, or when this transaction already
+    knows the reference values.
+    """
+    if UPDATED not in config.events or instance._state.adding or instance.pk is None:
+        return
+    columns = _columns(config, update_fields)
+    if not columns:
+        instance.__dict__[_BEFORE] = {}
+        return
+    tx = _current(using, create=False)
+    entry = tx.live(tx.changes, (config.label, instance.pk)) if tx is not None else None
+    if entry is not None:
+        instance.__dict__[_BEFORE] = entry.reference
+        return
+    row = (
+        config.model._base_manager.using(using).filter(pk=instance.pk).values_list(*columns).first()
+    )
+    if row is not None:
+        instance.__dict__[_BEFORE] = dict(zip(columns, row, strict=True))
+
+
+def _changed(instance: models.Model, config: ModelConfig, reference: dict[str, Any]) -> list[str]:
+    """Property names whose source columns differ from ``reference``, in mapping order."""
+    columns = {
+        attname
+        for attname, old in reference.items()
+        if _comparable(config, attname, getattr(instance, attname)) != old
+    }
+    return [
+        name
+        for attname, names in config.tracked_columns.items()
+        if attname in columns
+        for name in names
+    ]
+
+
+def _snapshot(instance: models.Model, config: ModelConfig) -> dict[str, Any]:
+    return {
+        attname: _comparable(config, attname, getattr(instance, attname))
+        for attname in config.tracked_columns
+    }
+
+
+# --- recording changes -------------------------------------------------------------------------
+
+
+def _track(
+    tx: _Transaction,
+    instance: models.Model,
+    config: ModelConfig,
+    action: str,
+    owner: Owner | None,
+    changed: list[str] | None = None,
+) -> dict[str, Any]:
+    properties = payloads.properties_of(instance, config)
+    if changed is not None:
+        properties["changed_fields"] = changed
+    return payloads.track_message(
+        config.event_name(action),
+        owner[1] if owner else None,
+        properties,
+        integrations=config.integrations,
+    )
+
+
+def after_save(instance: models.Model, config: ModelConfig, created: bool, using: str) -> None:
+    """Record a create or update (``post_save``), coalescing within the transaction."""
+    before = instance.__dict__.pop(_BEFORE, None)
+    with transaction.atomic(using=using, savepoint=False):
+        tx = _current(using)
+        key = (config.label, instance.pk)
+        entry = tx.live(tx.changes, key)
+        emitted = False
+        if created or (entry is not None and entry.action == CREATED):
+            if entry is not None and not _changed(instance, config, entry.reference):
+                emitted = False
+            elif CREATED in config.events:
+                owner = resolve_owner(instance, config, using)
+                message = _track(tx, instance, config, CREATED, owner)
+                if entry is not None:
+                    _rewrite(tx, entry, message, instance)
+                    entry.reference = _snapshot(instance, config)
+                else:
+                    row = _store(
+                        tx, message, instance=instance, source=(type(instance), instance.pk)
+                    )
+                    tx.changes[key] = _Entry(
+                        row.pk, CREATED, tx.marker(), row.message_id, _snapshot(instance, config)
+                    )
+                emitted = True
+        elif before is not None:
+            changed = _changed(instance, config, before)
+            if entry is not None and not changed:
+                # Back to how the transaction found it: no net change to report.
+                _discard(tx, entry)
+                del tx.changes[key]
+                emitted = True
+            elif changed:
+                owner = resolve_owner(instance, config, using)
+                message = _track(tx, instance, config, UPDATED, owner, changed)
+                if entry is not None:
+                    _rewrite(tx, entry, message, instance)
+                else:
+                    row = _store(
+                        tx, message, instance=instance, source=(type(instance), instance.pk)
+                    )
+                    tx.changes[key] = _Entry(row.pk, UPDATED, tx.marker(), row.message_id, before)
+                emitted = True
+        if config.is_identity or (emitted and config.identify):
+            owner = resolve_owner(instance, config, using)
+            if owner is not None:
+                reidentify(tx, owner, instance=instance if config.is_identity else None)
+
+
+def before_delete(instance: models.Model, config: ModelConfig, using: str) -> None:
+    """Record a delete (``pre_delete``, while the row and its parents still exist)."""
+    with transaction.atomic(using=using, savepoint=False):
+        tx = _current(using)
+        owner = resolve_owner(instance, config, using)
+        if config.is_identity:
+            tx.deleting[instance.pk] = tx.marker()
+            pending = tx.live(tx.identifies, instance.pk)
+            if pending is not None:
+                _discard(tx, pending)
+                TraitsDigest.objects.using(using).filter(
+                    user_id=owner[1] if owner else "", message_id=pending.message_id
+                ).delete()
+                del tx.identifies[instance.pk]
+        key = (config.label, instance.pk)
+        entry = tx.live(tx.changes, key)
+        if entry is not None:
+            _discard(tx, entry)
+            del tx.changes[key]
+            if entry.action == CREATED:
+                return  # created and deleted in one transaction: nothing happened
+        if DELETED in config.events:
+            _store(
+                tx,
+                _track(tx, instance, config, DELETED, owner),
+                instance=instance,
+                source=(type(instance), instance.pk),
+            )
+            if config.identify and not config.is_identity and owner is not None:
+                instance.__dict__[_OWNER] = owner
+
+
+def after_delete(instance: models.Model, config: ModelConfig, using: str) -> None:
+    """Re-identify the owner of a deleted object (``post_delete``) unless it goes too."""
+    owner = instance.__dict__.pop(_OWNER, None)
+    if owner is None:
+        return
+    with transaction.atomic(using=using, savepoint=False):
+        tx = _current(using)
+        marker = tx.deleting.get(owner[0])
+        if marker is not None and tx.alive(marker):
+            return
+        reidentify(tx, owner)
+
+
+# --- owners and identifies ---------------------------------------------------------------------
+
+
+def _user_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value)
+    return text or None
+
+
+def resolve_owner(instance: models.Model, config: ModelConfig, using: str) -> Owner | None:
+    """The owning identity row of an object: its pk and userId, or None when it has none.
+
+    One foreign key away with the pk as userId, both come from memory; otherwise
+    one query follows the owner path.
+    """
+    identity = registry.identity
+    if config.is_identity:
+        return instance.pk, _user_id(getattr(instance, identity.user_id_field.attname))
+    attname = config.owner_attname
+    if attname is not None and identity.user_id_is_pk:
+        owner_pk = getattr(instance, attname)
+        return None if owner_pk is None else (owner_pk, _user_id(owner_pk))
+    row = (
+        config.model._base_manager.using(using)
+        .filter(pk=instance.pk)
+        .values_list(
+            f"{config.owner_path}__pk", f"{config.owner_path}__{identity.user_id_field.name}"
+        )
+        .first()
+    )
+    if row is None or row[0] is None:
+        return None
+    return row[0], _user_id(row[1])
+
+
+def _read_traits(
+    owner: Owner, using: str, instance: models.Model | None
+) -> tuple[dict[str, Any], str | None] | None:
+    """The owner's current traits and the digest last recorded for it, in one query."""
+    identity = registry.identity
+    digest = Subquery(
+        TraitsDigest.objects.using(using).filter(user_id=owner[1]).values("digest")[:1]
+    )
+    queryset = identity.model._base_manager.using(using).filter(pk=owner[0])
+    queryset = queryset.annotate(django_cdp_digest=digest)
+    if identity.needs_instance:
+        if instance is not None:
+            # Properties and methods compute from the instance in hand.
+            stored = (
+                TraitsDigest.objects.using(using)
+                .filter(user_id=owner[1])
+                .values_list("digest", flat=True)
+                .first()
+            )
+            return payloads.read_sources(instance, identity.traits), stored
+        related = {s.path.rsplit("__", 1)[0] for s in identity.traits if s.kind == "path"}
+        obj = queryset.select_related(*related).first()
+        if obj is None:
+            return None
+        return payloads.read_sources(obj, identity.traits), obj.django_cdp_digest
+    row = queryset.values(*identity.trait_paths, "django_cdp_digest").first()
+    if row is None:
+        return None
+    traits = {s.name: payloads.json_value(row[s.path], s.name) for s in identity.traits}
+    return traits, row["django_cdp_digest"]
+
+
+def reidentify(tx: _Transaction, owner: Owner, *, force: bool = False, instance=None) -> None:
+    """Identify an owner with its current traits, at most once per transaction.
+
+    Skipped when the traits equal the last identify recorded for the user,
+    unless ``force`` or ``SEND_UNCHANGED_IDENTIFY``.
+    """
+    read = _read_traits(owner, tx.using, instance)
+    if read is None:
+        return
+    traits, stored = read
+    digest = payloads.traits_digest(traits)
+    entry = tx.live(tx.identifies, owner[0])
+    if entry is not None:
+        if entry.digest == digest and not (force and entry.row_id is None):
+            return
+    elif digest == stored and not (force or cdp_settings.SEND_UNCHANGED_IDENTIFY):
+        tx.identifies[owner[0]] = _Entry(None, "identify", tx.marker(), digest=digest)
+        return
+    message = payloads.identify_message(owner[1], traits)
+    if entry is not None and entry.row_id is not None:
+        _rewrite(tx, entry, message, instance)
+        message_id = entry.message_id
+        entry.digest = digest
+    else:
+        row = _store(tx, message, instance=instance, source=(registry.identity.model, owner[0]))
+        message_id = row.message_id
+        tx.identifies[owner[0]] = _Entry(row.pk, "identify", tx.marker(), message_id, digest=digest)
+        if row.status != Message.Status.PENDING:
+            return
+    TraitsDigest.objects.using(tx.using).bulk_create(
+        [
+            TraitsDigest(
+                user_id=owner[1], digest=digest, message_id=message_id, updated_at=timezone.now()
+            )
+        ],
+        update_conflicts=True,
+        unique_fields=["user_id"],
+        update_fields=["digest", "message_id", "updated_at"],
+    )
+
+
+# --- explicit calls ----------------------------------------------------------------------------
+
+
+def record_track(
+    instance: models.Model, event: str, properties: dict[str, Any], using: str
+) -> Message:
+    config = registry.get(type(instance))
+    with transaction.atomic(using=using, savepoint=False):
+        tx = _current(using)
+        owner = resolve_owner(instance, config, using)
+        converted = {k: payloads.json_value(v, k) for k, v in properties.items()}
+        message = payloads.track_message(
+            event, owner[1] if owner else None, converted, integrations=config.integrations
+        )
+        return _store(tx, message, instance=instance, source=(type(instance), instance.pk))
+
+
+def record_identify(instance: models.Model, using: str, *, force: bool) -> None:
+    config = registry.get(type(instance))
+    with transaction.atomic(using=using, savepoint=False):
+        tx = _current(using)
+        owner = resolve_owner(instance, config, using)
+        if owner is None:
+            _store(
+                tx,
+                payloads.identify_message(None, {}),
+                instance=instance,
+                source=(type(instance), instance.pk),
+            )
+            return
+        reidentify(tx, owner, force=force, instance=instance if config.is_identity else None)
+
+
+def guarded(action: Callable[..., None], instance: models.Model, *args: Any) -> None:
+    """Run a recording step so that only database errors reach the user's save.
+
+    A database error inside the user's transaction has already broken it and
+    must propagate like any other; anything else (a value that cannot be
+    converted, a failing enrichment hook) is logged with the model and pk.
+    """
+    try:
+        action(instance, *args)
+    except DatabaseError:
+        raise
+    except Exception:
+        logger.exception(
+            "django-cdp could not record a change of %s; the save went through untracked",
+            _describe(instance),
+        )

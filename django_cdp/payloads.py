@@ -1,0 +1,228 @@
+"""How a model change becomes a Segment/RudderStack message.
+
+Everything that decides what leaves the database is here: reading the mapped
+fields (an allowlist, nothing else of the row), converting their values to
+JSON the same way everywhere, building ``track`` and ``identify`` messages in
+the shape both HTTP APIs accept, and encoding them once, exactly as they will
+be sent.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import enum
+import functools
+import hashlib
+import json
+import math
+import re
+import secrets
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from django.db import models
+from django.utils import timezone
+from django.utils.functional import Promise
+from django.utils.module_loading import import_string
+
+from django_cdp import __version__
+from django_cdp.registry import ModelConfig, Source
+from django_cdp.settings import cdp_settings
+
+LIBRARY_NAME = "django-cdp"
+
+
+class PayloadError(ValueError):
+    """A value that cannot be sent as JSON; the message names the field it came from."""
+
+    def __init__(self, field: str, value: Any, reason: str = "") -> None:
+        self.field = field
+        self.value = value
+        detail = reason or f"{type(value).__name__} is not JSON-serialisable"
+        super().__init__(f"cannot convert field {field!r}: {detail}")
+
+
+# --- values ------------------------------------------------------------------------------------
+
+
+def iso_timestamp(value: datetime.datetime) -> str:
+    """ISO-8601 in UTC with a ``Z`` suffix; naive values are taken in the current time zone."""
+    if timezone.is_naive(value):
+        value = timezone.make_aware(value)
+    return value.astimezone(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def json_value(value: Any, field: str) -> Any:
+    """Convert one value to its JSON form, or raise :class:`PayloadError` naming ``field``.
+
+    Decimals stay ``Decimal`` (JSON-safe here: :func:`encode` writes them as
+    exact JSON numbers, never through float); enums and choices become their
+    value; model instances their pk; datetimes ISO-8601 in UTC; dates
+    ``YYYY-MM-DD``; UUIDs strings; durations seconds. Anything else is an error,
+    never a silent drop.
+    """
+    if value is None or type(value) in (str, int, bool):
+        return value
+    if isinstance(value, enum.Enum):
+        return json_value(value.value, field)
+    if isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise PayloadError(field, value, f"{value} is not a JSON number")
+        return value
+    if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            raise PayloadError(field, value, f"{value} is not a JSON number")
+        return value
+    if isinstance(value, datetime.datetime):
+        return iso_timestamp(value)
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, Promise):
+        return str(value)
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, models.Model):
+        return json_value(value.pk, field)
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str | int):
+                raise PayloadError(field, value, f"key {key!r} is not a string")
+            out[str(key)] = json_value(item, field)
+        return out
+    if isinstance(value, list | tuple):
+        return [json_value(item, field) for item in value]
+    if isinstance(value, set | frozenset):
+        items = [json_value(item, field) for item in value]
+        try:
+            return sorted(items)
+        except TypeError:
+            return items
+    raise PayloadError(field, value)
+
+
+def read_source(instance: models.Model, source: Source) -> Any:
+    """The raw value of a property or trait on an instance (FK columns give the id)."""
+    if source.kind == "column":
+        return getattr(instance, source.attname)
+    if source.kind == "attribute":
+        value = getattr(instance, source.path)
+        return value() if callable(value) else value
+    current: Any = instance
+    for part in source.path.split("__"):
+        if current is None:
+            return None
+        current = getattr(current, part)
+    if isinstance(current, models.Model):
+        return current.pk
+    return current
+
+
+def read_sources(instance: models.Model, sources: tuple[Source, ...]) -> dict[str, Any]:
+    return {s.name: json_value(read_source(instance, s), s.name) for s in sources}
+
+
+def properties_of(instance: models.Model, config: ModelConfig) -> dict[str, Any]:
+    """The mapped properties of an object, plus its primary key as ``id``."""
+    props = {"id": json_value(instance.pk, "id")}
+    props.update(read_sources(instance, config.properties))
+    return props
+
+
+# --- messages ----------------------------------------------------------------------------------
+
+
+def _base(kind: str, user_id: str | None, when: datetime.datetime | None) -> dict[str, Any]:
+    return {
+        "type": kind,
+        "userId": user_id,
+        "messageId": str(uuid.uuid4()),
+        "originalTimestamp": iso_timestamp(when or timezone.now()),
+        "channel": "server",
+        "context": {"library": {"name": LIBRARY_NAME, "version": __version__}},
+    }
+
+
+def track_message(
+    event: str,
+    user_id: str | None,
+    properties: dict[str, Any],
+    *,
+    integrations: dict[str, Any] | None = None,
+    when: datetime.datetime | None = None,
+) -> dict[str, Any]:
+    message = _base("track", user_id, when)
+    message["event"] = event
+    message["properties"] = properties
+    message["integrations"] = integrations or {"All": True}
+    return message
+
+
+def identify_message(
+    user_id: str | None,
+    traits: dict[str, Any],
+    *,
+    integrations: dict[str, Any] | None = None,
+    when: datetime.datetime | None = None,
+) -> dict[str, Any]:
+    """An identify with traits at the top level (Segment spec) and in ``context.traits``
+    (where RudderStack's own SDK puts them), so destinations of either read them."""
+    message = _base("identify", user_id, when)
+    message["traits"] = traits
+    message["context"]["traits"] = traits
+    message["integrations"] = integrations or {"All": True}
+    return message
+
+
+@functools.lru_cache(maxsize=8)
+def _enricher(path: str) -> Callable[..., Any]:
+    return import_string(path)
+
+
+def enrich(message: dict[str, Any], instance: models.Model | None) -> dict[str, Any]:
+    """Run the project's ``ENRICH_MESSAGE`` hook, which may add context or integrations."""
+    path = cdp_settings.ENRICH_MESSAGE
+    if not path:
+        return message
+    result = _enricher(path)(message, instance)
+    if result is None:
+        return message
+    if not isinstance(result, dict):
+        raise TypeError(f"ENRICH_MESSAGE hook {path} returned {type(result).__name__}, not dict")
+    return result
+
+
+# --- encoding ----------------------------------------------------------------------------------
+
+# Decimals are written as exact JSON numbers: the encoder emits a marked string that is then
+# unquoted. The per-process nonce makes a collision with real data practically impossible.
+_DECIMAL_MARK = "\x00cdp-decimal-" + secrets.token_hex(8) + ":"
+_DECIMAL_RE = re.compile('"' + re.escape(json.dumps(_DECIMAL_MARK)[1:-1]) + r'([-+0-9.Ee]+)"')
+_DECIMAL_MARK_ESCAPED = json.dumps(_DECIMAL_MARK)[1:-1]
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, decimal.Decimal):
+        return _DECIMAL_MARK + str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def encode(message: dict[str, Any], *, sort_keys: bool = False) -> str:
+    """Compact JSON text of a message, exactly as it is stored and sent."""
+    text = json.dumps(
+        message, separators=(",", ":"), ensure_ascii=False, default=_default, sort_keys=sort_keys
+    )
+    if _DECIMAL_MARK_ESCAPED in text:
+        text = _DECIMAL_RE.sub(r"\1", text)
+    return text
+
+
+def traits_digest(traits: dict[str, Any]) -> str:
+    """A stable digest of a traits dict, to tell whether an identify would change anything."""
+    return hashlib.sha256(encode(traits, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,98 @@
+"""Settings for django-cdp's own test suite.
+
+``CDP_TEST_DATABASE=postgres`` runs the suite against the PostgreSQL server
+named by ``CDP_TEST_PG_*`` (default: 127.0.0.1:5432, user postgres, trust
+auth); anything else runs it on SQLite. A second alias, ``other``, checks that
+messages follow the ``using`` of the change.
+"""
+
+import os
+
+SECRET_KEY = "django-cdp-tests"
+DEBUG = False
+USE_TZ = True
+TIME_ZONE = "Europe/Berlin"  # not UTC, so that conversions to UTC are exercised
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django_cdp",
+    "example_project.shops",
+    "example_project.payouts",
+    "example_project.accounting",
+    "tests.testapp",
+]
+
+if os.environ.get("CDP_TEST_DATABASE") == "postgres":
+    default_db = {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": os.environ.get("CDP_TEST_PG_NAME", "test"),
+        "USER": os.environ.get("CDP_TEST_PG_USER", "postgres"),
+        "PASSWORD": os.environ.get("CDP_TEST_PG_PASSWORD", ""),
+        "HOST": os.environ.get("CDP_TEST_PG_HOST", "127.0.0.1"),
+        "PORT": os.environ.get("CDP_TEST_PG_PORT", "5432"),
+    }
+else:
+    default_db = {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}
+
+DATABASES = {
+    "default": default_db,
+    "other": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"},
+}
+
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+ROOT_URLCONF = "tests.urls"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+STATIC_URL = "/static/"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# The example project's tracking plan: the suite exercises it as users would write it.
+DJANGO_CDP = {
+    "WRITE_KEY": "",
+    "DATA_PLANE_URL": "",
+    "DELIVERY": "manual",
+    "IDENTITY": {
+        "model": "shops.Shop",
+        "user_id": "id",
+        "traits": {
+            "domain": "domain",
+            "email": "email",
+            "xero_connection_ok": "xero_connection_ok",
+            "plan": "plan__name",
+        },
+    },
+    "MODELS": {
+        "shops.Shop": {"properties": ["domain", "active", "xero_connection_ok"]},
+        "payouts.Payout": {
+            "owner": "shop",
+            "properties": {"amount": "amount", "currency": "currency", "status": "status"},
+        },
+        "accounting.Mapping": {"owner": "shop", "properties": ["source", "account_code"]},
+        "accounting.ShopSettings": {
+            "owner": "shop",
+            "properties": ["sync_enabled", "payout_schedule"],
+            "identify": False,
+        },
+    },
+}

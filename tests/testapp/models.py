@@ -1,0 +1,46 @@
+"""Models for the cases the example project does not cover."""
+
+import uuid
+
+from django.db import models
+
+from example_project.shops.models import Shop
+
+
+class Customer(models.Model):
+    """A shop's customer: orders reach their shop through it (a two-hop owner path)."""
+
+    shop = models.ForeignKey(Shop, null=True, on_delete=models.CASCADE, related_name="customers")
+    name = models.CharField(max_length=100)
+
+
+class Order(models.Model):
+    class Channel(models.IntegerChoices):
+        WEB = 1, "Web"
+        POS = 2, "Point of sale"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    customer = models.ForeignKey(Customer, on_delete=models.CASCADE, related_name="orders")
+    total = models.DecimalField(max_digits=12, decimal_places=2)
+    placed_at = models.DateTimeField(help_text="When the customer placed the order.")
+    ship_by = models.DateField(null=True, blank=True)
+    reference = models.UUIDField(default=uuid.uuid4)
+    channel = models.IntegerField(choices=Channel.choices, default=Channel.WEB)
+    extra = models.JSONField(default=dict, blank=True)
+    note = models.TextField(blank=True)
+
+    @property
+    def total_with_tax(self):
+        return self.total * 2
+
+    def is_large(self):
+        return self.total > 1000
+
+
+class WorkspaceProject(models.Model):
+    shop = models.ForeignKey(Shop, on_delete=models.CASCADE)
+    title = models.CharField(max_length=100)
+    secret = models.CharField(max_length=100, blank=True)
+
+    class Meta:
+        verbose_name = "workspace project"
