@@ -179,6 +179,10 @@ def _discard(tx: _Transaction, entry: _Entry) -> None:
         Message.objects.using(tx.using).filter(pk=entry.row_id).delete()
 
 
+def _source(instance: models.Model) -> tuple[type[models.Model], Any]:
+    return type(instance), instance.pk
+
+
 def _describe(instance: models.Model | None) -> str:
     if instance is None:
         return "(no object)"
@@ -285,50 +289,42 @@ def _track(
 def after_save(instance: models.Model, config: ModelConfig, created: bool, using: str) -> None:
     """Record a create or update (``post_save``), coalescing within the transaction."""
     before = instance.__dict__.pop(_BEFORE, None)
+    key = (config.label, instance.pk)
+    state = _current(using, create=False)
+    entry = state.live(state.changes, key) if state is not None else None
+    if created or (entry is not None and entry.action == CREATED):
+        action = CREATED
+        changed = _changed(instance, config, entry.reference) if entry is not None else None
+        write = CREATED in config.events and (entry is None or bool(changed))
+    elif before is not None:
+        action = UPDATED
+        changed = _changed(instance, config, before)
+        # With an earlier Updated in this transaction, no net change means dropping it.
+        write = bool(changed) or entry is not None
+    else:
+        write = False
+    if not (write or config.is_identity):
+        return
     with transaction.atomic(using=using, savepoint=False):
         tx = _current(using)
-        key = (config.label, instance.pk)
-        entry = tx.live(tx.changes, key)
-        emitted = False
-        if created or (entry is not None and entry.action == CREATED):
-            if entry is not None and not _changed(instance, config, entry.reference):
-                emitted = False
-            elif CREATED in config.events:
-                owner = resolve_owner(instance, config, using)
-                message = _track(tx, instance, config, CREATED, owner)
-                if entry is not None:
-                    _rewrite(tx, entry, message, instance)
+        owner = resolve_owner(instance, config, using)
+        if write and action == UPDATED and not changed:
+            _discard(tx, entry)
+            del tx.changes[key]
+        elif write:
+            message = _track(
+                tx, instance, config, action, owner, changed if action == UPDATED else None
+            )
+            if entry is not None:
+                _rewrite(tx, entry, message, instance)
+                if action == CREATED:
                     entry.reference = _snapshot(instance, config)
-                else:
-                    row = _store(
-                        tx, message, instance=instance, source=(type(instance), instance.pk)
-                    )
-                    tx.changes[key] = _Entry(
-                        row.pk, CREATED, tx.marker(), row.message_id, _snapshot(instance, config)
-                    )
-                emitted = True
-        elif before is not None:
-            changed = _changed(instance, config, before)
-            if entry is not None and not changed:
-                # Back to how the transaction found it: no net change to report.
-                _discard(tx, entry)
-                del tx.changes[key]
-                emitted = True
-            elif changed:
-                owner = resolve_owner(instance, config, using)
-                message = _track(tx, instance, config, UPDATED, owner, changed)
-                if entry is not None:
-                    _rewrite(tx, entry, message, instance)
-                else:
-                    row = _store(
-                        tx, message, instance=instance, source=(type(instance), instance.pk)
-                    )
-                    tx.changes[key] = _Entry(row.pk, UPDATED, tx.marker(), row.message_id, before)
-                emitted = True
-        if config.is_identity or (emitted and config.identify):
-            owner = resolve_owner(instance, config, using)
-            if owner is not None:
-                reidentify(tx, owner, instance=instance if config.is_identity else None)
+            else:
+                row = _store(tx, message, instance=instance, source=_source(instance))
+                reference = _snapshot(instance, config) if action == CREATED else before
+                tx.changes[key] = _Entry(row.pk, action, tx.marker(), row.message_id, reference)
+        if owner is not None and (config.is_identity or (write and config.identify)):
+            reidentify(tx, owner, instance=instance if config.is_identity else None)
 
 
 def before_delete(instance: models.Model, config: ModelConfig, using: str) -> None:
@@ -357,7 +353,7 @@ def before_delete(instance: models.Model, config: ModelConfig, using: str) -> No
                 tx,
                 _track(tx, instance, config, DELETED, owner),
                 instance=instance,
-                source=(type(instance), instance.pk),
+                source=_source(instance),
             )
             if config.identify and not config.is_identity and owner is not None:
                 instance.__dict__[_OWNER] = owner
@@ -499,7 +495,7 @@ def record_track(
         message = payloads.track_message(
             event, owner[1] if owner else None, converted, integrations=config.integrations
         )
-        return _store(tx, message, instance=instance, source=(type(instance), instance.pk))
+        return _store(tx, message, instance=instance, source=_source(instance))
 
 
 def record_identify(instance: models.Model, using: str, *, force: bool) -> None:
@@ -512,7 +508,7 @@ def record_identify(instance: models.Model, using: str, *, force: bool) -> None:
                 tx,
                 payloads.identify_message(None, {}),
                 instance=instance,
-                source=(type(instance), instance.pk),
+                source=_source(instance),
             )
             return
         reidentify(tx, owner, force=force, instance=instance if config.is_identity else None)

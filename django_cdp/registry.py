@@ -384,18 +384,17 @@ def _parse_model(
             )
             ok = False
         owner_path = None
-    elif identity is not None:
-        if not _owner_reaches(model, owner_path, identity.model):
-            problems.append(
-                _error(
-                    "E006",
-                    f"{key}['owner'] = {owner_path!r} is missing or does not lead to the "
-                    f"identity model {identity.model._meta.label}.",
-                    "Give the foreign-key path from this model to the identity model, "
-                    "e.g. 'shop' or 'order__shop'.",
-                )
+    elif identity is not None and not _owner_reaches(model, owner_path, identity.model):
+        problems.append(
+            _error(
+                "E006",
+                f"{key}['owner'] = {owner_path!r} is missing or does not lead to the "
+                f"identity model {identity.model._meta.label}.",
+                "Give the foreign-key path from this model to the identity model, "
+                "e.g. 'shop' or 'order__shop'.",
             )
-            ok = False
+        )
+        ok = False
 
     integrations = options.get("integrations")
     if integrations is not None and not isinstance(integrations, dict):
@@ -511,7 +510,8 @@ def _parse_sources(
 def _resolve_source(model: type[models.Model], name: Any, path: Any) -> Source | None:
     if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
         return None
-    parts = path.split("__")
+    # A dunder name such as "__str__" is an attribute, not a path.
+    parts = [path] if path.startswith("__") and path.endswith("__") else path.split("__")
     if len(parts) == 1:
         try:
             f = model._meta.get_field(path)
