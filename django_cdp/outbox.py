@@ -200,7 +200,7 @@ def _comparable(config: ModelConfig, attname: str, value: Any) -> Any:
         return value
 
 
-def _columns(config: ModelConfig, update_fields: frozenset[str] | None) -> list[str]:
+def columns_to_compare(config: ModelConfig, update_fields: frozenset[str] | None) -> list[str]:
     columns = list(config.tracked_columns)
     if update_fields is not None:
         names = {
@@ -226,7 +226,7 @@ def before_save(
     """
     if UPDATED not in config.events or instance._state.adding or instance.pk is None:
         return
-    columns = _columns(config, update_fields)
+    columns = columns_to_compare(config, update_fields)
     if not columns:
         instance.__dict__[_BEFORE] = {}
         return
@@ -240,6 +240,15 @@ def before_save(
     )
     if row is not None:
         instance.__dict__[_BEFORE] = dict(zip(columns, row, strict=True))
+
+
+def remember_before(instance: models.Model, values: dict[str, Any]) -> None:
+    """Give ``after_save`` the old column values of an update made without ``pre_save``."""
+    instance.__dict__[_BEFORE] = values
+
+
+def forget_before(instance: models.Model) -> None:
+    instance.__dict__.pop(_BEFORE, None)
 
 
 def _changed(instance: models.Model, config: ModelConfig, reference: dict[str, Any]) -> list[str]:

@@ -33,7 +33,7 @@ def _pre_save(sender, instance, raw, using, update_fields, **kwargs: Any) -> Non
 def _post_save(sender, instance, created, raw, using, **kwargs: Any) -> None:
     config = registry.get(sender)
     if raw or config is None or not tracking_active():
-        instance.__dict__.pop(outbox._BEFORE, None)
+        outbox.forget_before(instance)
         return
     outbox.guarded(outbox.after_save, instance, config, created, using)
 

@@ -132,7 +132,7 @@ class Registry:
 
     def _get(self) -> _Parsed:
         if self._parsed is None:
-            self._parsed = parse(cdp_settings.user_settings)
+            self._parsed = parse(cdp_settings.raw)
         return self._parsed
 
     def reload(self) -> None:

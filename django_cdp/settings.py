@@ -66,9 +66,14 @@ class CdpSettings:
         self._cache: dict[str, Any] | None = None
 
     @property
+    def raw(self) -> Any:
+        """``DJANGO_CDP`` exactly as the settings module has it (``{}`` when absent)."""
+        return getattr(django_settings, SETTING_NAME, {})
+
+    @property
     def user_settings(self) -> dict[str, Any]:
-        """The raw dict from the settings module (``{}`` when absent or not a dict)."""
-        value = getattr(django_settings, SETTING_NAME, {})
+        """The user's dict, or ``{}`` when it is not a dict (check E001 reports that)."""
+        value = self.raw
         return value if isinstance(value, dict) else {}
 
     def _merged(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from decimal import Decimal
 
@@ -21,9 +22,7 @@ class Boom(Exception):
 # --- the example project's acceptance scenario ---------------------------------------------------
 
 
-def test_creating_a_shop_tracks_it_and_identifies_it_with_exactly_the_mapped_traits(
-    outbox, plan
-):
+def test_creating_a_shop_tracks_it_and_identifies_it_with_exactly_the_mapped_traits(outbox, plan):
     shop = Shop.objects.create(domain="acme.example", email="a@acme.example", plan=plan)
 
     assert outbox.events() == ["Shop Created"]
@@ -382,9 +381,7 @@ def test_model_with_identify_false_does_not_reidentify(outbox, shop, settings):
     assert outbox.identifies() == []
 
 
-def test_identity_model_not_in_models_is_still_identified_on_trait_change(
-    outbox, shop, settings
-):
+def test_identity_model_not_in_models_is_still_identified_on_trait_change(outbox, shop, settings):
     settings.DJANGO_CDP = {
         **settings.DJANGO_CDP,
         "MODELS": {"payouts.Payout": {"owner": "shop", "properties": ["amount"]}},
@@ -471,7 +468,9 @@ def test_two_hop_owner_path_resolves_before_the_rows_go(outbox, shop, settings):
         "MODELS": {"testapp.Order": {"owner": "customer__shop", "properties": ["total"]}},
     }
     customer = Customer.objects.create(shop=shop, name="Ann")
-    order = Order.objects.create(customer=customer, total=Decimal("5.00"), placed_at=shop.created_at)
+    order = Order.objects.create(
+        customer=customer, total=Decimal("5.00"), placed_at=shop.created_at
+    )
     customer.delete()
     assert outbox.events() == ["Order Created", "Order Deleted"]
     assert [t["userId"] for t in outbox.tracks()] == [str(shop.pk)] * 2
@@ -570,10 +569,14 @@ def test_raw_saves_from_loaddata_are_ignored(outbox, shop, tmp_path):
     from django.core.management import call_command
 
     fixture = tmp_path / "payouts.json"
-    fixture.write_text(
-        '[{"model": "payouts.payout", "pk": 900, "fields": {"shop": %d, "amount": "3.00",'
-        ' "currency": "EUR", "status": "paid", "created_at": "2026-01-01T00:00:00Z"}}]' % shop.pk
-    )
+    fields = {
+        "shop": shop.pk,
+        "amount": "3.00",
+        "currency": "EUR",
+        "status": "paid",
+        "created_at": "2026-01-01T00:00:00Z",
+    }
+    fixture.write_text(json.dumps([{"model": "payouts.payout", "pk": 900, "fields": fields}]))
     call_command("loaddata", str(fixture), verbosity=0)
     assert Payout.objects.filter(pk=900).exists()
     assert outbox.rows() == []

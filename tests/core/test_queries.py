@@ -1,0 +1,60 @@
+"""What a tracked create and update cost in SQL statements, pinned.
+
+Inside ``atomic()`` a tracked Payout create adds two statements to the
+user's INSERT: the message INSERT and one SELECT reading the owner's traits
+together with their last digest (unchanged: no identify). An update adds the
+narrow read of the tracked columns before it.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from django.db import transaction
+
+from example_project.payouts.models import Payout
+
+
+def statements(queries) -> list[str]:
+    return [q["sql"].split()[0].upper() for q in queries]
+
+
+def test_tracked_create_inside_atomic(outbox, shop, django_assert_num_queries):
+    with django_assert_num_queries(5) as queries, transaction.atomic():
+        Payout.objects.create(shop=shop, amount=Decimal("1.00"), currency="EUR")
+    assert statements(queries) == ["BEGIN", "INSERT", "INSERT", "SELECT", "COMMIT"]
+
+
+def test_tracked_update_inside_atomic(outbox, shop, django_assert_num_queries):
+    payout = Payout.objects.create(shop=shop, amount=Decimal("1.00"), currency="EUR")
+    payout.amount = Decimal("2.00")
+    with django_assert_num_queries(6) as queries, transaction.atomic():
+        payout.save()
+    assert statements(queries) == ["BEGIN", "SELECT", "UPDATE", "INSERT", "SELECT", "COMMIT"]
+
+
+def test_tracked_create_in_autocommit_adds_one_short_transaction(
+    outbox, shop, django_assert_num_queries
+):
+    with django_assert_num_queries(5) as queries:
+        Payout.objects.create(shop=shop, amount=Decimal("1.00"), currency="EUR")
+    assert statements(queries) == ["INSERT", "BEGIN", "INSERT", "SELECT", "COMMIT"]
+
+
+def test_save_without_a_tracked_change_costs_one_narrow_read(
+    outbox, shop, django_assert_num_queries
+):
+    payout = Payout.objects.create(shop=shop, amount=Decimal("1.00"), currency="EUR")
+    with django_assert_num_queries(2) as queries:
+        payout.save()
+    assert statements(queries) == ["SELECT", "UPDATE"]
+    assert outbox.events() == ["Payout Created"]
+
+
+def test_changed_identity_costs_an_identify_insert_and_a_digest_upsert(
+    outbox, shop, django_assert_num_queries
+):
+    shop.email = "new@acme.example"
+    with django_assert_num_queries(6) as queries:
+        shop.save(update_fields=["email"])  # email is a trait, not a tracked property
+    assert statements(queries) == ["UPDATE", "BEGIN", "SELECT", "INSERT", "INSERT", "COMMIT"]
