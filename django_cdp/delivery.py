@@ -1,0 +1,531 @@
+"""Delivery: drain the outbox to the data plane, safely with any number of workers.
+
+The cycle, repeated by :func:`drain` until nothing is due or the time budget is
+spent:
+
+1. **Claim** (one short transaction): pick due ``pending`` rows, oldest first,
+   with ``SELECT ... FOR UPDATE SKIP LOCKED`` where the backend has it, and move
+   them out of the due set by setting ``next_attempt_at`` and ``locked_until`` to
+   now + lease and ``locked_by`` to this claim's token, counting the attempt
+   now (so a message that kills its worker still runs out of attempts). The
+   row locks end with that transaction; ownership is the lease in the row.
+   Backends without SKIP LOCKED (SQLite) claim with a conditional ``UPDATE``
+   and are documented as single-worker.
+2. **Send** outside any transaction: one ``/v1/batch`` POST per claimed batch.
+3. **Write back, fenced**: every outcome is written only where ``id``,
+   ``locked_by``, ``attempts`` and ``status`` still match the claim, and clears
+   the lease. A worker whose lease expired (and whose rows another worker may
+   have claimed since) updates nothing. A worker that dies leaves rows that
+   become due again when their lease ends.
+
+All times come from the database clock (``Now()``), so workers on hosts with
+skewed clocks agree on what is due.
+
+:func:`request_delivery` is the *kick*: called after a transaction that wrote
+messages commits, it publishes one ``deliver`` task (debounced). It is an
+optimisation only; the periodic sweep (the same task on a beat schedule) is
+what guarantees delivery when a kick is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import Any, NamedTuple
+
+from django.db import connections, transaction
+from django.db.models import F, Q
+from django.db.models.functions import Now
+
+from django_cdp import transport
+from django_cdp.models import Message, TraitsDigest
+from django_cdp.settings import cdp_settings
+from django_cdp.signals import message_failed, message_sent
+from django_cdp.transport import Outcome
+
+logger = logging.getLogger("django_cdp.delivery")
+
+PENDING = Message.Status.PENDING
+
+# Keys that ``django_cdp.settings.DEFAULTS`` does not declare yet (asked of the
+# maintainers of that module). Until it does, they are read from the user's
+# ``DJANGO_CDP`` dict with these defaults; afterwards through ``cdp_settings``.
+_PROPOSED_DEFAULTS: dict[str, Any] = {
+    # First retry delay; each further attempt waits 3x longer (capped), +-25 % jitter.
+    "RETRY_BACKOFF_BASE": 10.0,
+    # Cap of one retry delay. 10 attempts then span about 21 hours.
+    "RETRY_BACKOFF_MAX": 12 * 3600.0,
+    # Delay after 401/403/404 (a configuration error); at most a minute.
+    "CONFIG_ERROR_RETRY_SECONDS": 30.0,
+}
+BACKOFF_FACTOR = 3.0
+BACKOFF_JITTER = 0.25
+MAX_CONFIG_ERROR_RETRY_SECONDS = 60.0
+
+
+def _setting(name: str) -> Any:
+    try:
+        return getattr(cdp_settings, name)
+    except AttributeError:
+        return cdp_settings.user_settings.get(name, _PROPOSED_DEFAULTS[name])
+
+
+def backoff_seconds(attempts: int, retry_after: float | None = None) -> float:
+    """Delay before the next try of a message that has had ``attempts`` tries.
+
+    Exponential (base x 3^(attempts-1), capped) with +-25 % jitter so that rows
+    that failed together do not all come back in the same second; never earlier
+    than a ``Retry-After`` the data plane asked for (itself capped, so a bogus
+    header cannot park a message for weeks).
+    """
+    base = float(_setting("RETRY_BACKOFF_BASE"))
+    cap = float(_setting("RETRY_BACKOFF_MAX"))
+    delay = min(cap, base * BACKOFF_FACTOR ** max(0, attempts - 1))
+    delay *= random.uniform(1 - BACKOFF_JITTER, 1 + BACKOFF_JITTER)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, cap))
+    return delay
+
+
+def config_error_delay() -> float:
+    """Delay after 401/403/404: short, so that a fixed key or URL takes effect quickly."""
+    return min(MAX_CONFIG_ERROR_RETRY_SECONDS, float(_setting("CONFIG_ERROR_RETRY_SECONDS")))
+
+
+@dataclass
+class DrainResult:
+    """What one :func:`drain` did, in messages (``requests`` counts HTTP requests)."""
+
+    claimed: int = 0
+    sent: int = 0
+    failed: int = 0
+    #: Put back with a backoff after 429/5xx/timeouts/connection errors.
+    retrying: int = 0
+    #: Put back after 401/403/404 (attempt not counted).
+    config_errors: int = 0
+    skipped: int = 0
+    #: Given back unsent because the lease was running out.
+    released: int = 0
+    requests: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return ", ".join(f"{key} {value}" for key, value in self.as_dict().items())
+
+
+class Claimed(NamedTuple):
+    """A claimed row, as much as sending and fencing need."""
+
+    id: int
+    message_id: str
+    type: str
+    user_id: str
+    payload: str
+    #: ``attempts`` after the claim counted this one: part of the fence.
+    attempts: int
+
+
+class Batch(NamedTuple):
+    rows: list[Claimed]
+    #: Whether more rows may be due (the claim was cut by a limit).
+    more: bool
+
+
+def default_worker_id() -> str:
+    """``host:pid``, the readable part of ``Message.locked_by``."""
+    return f"{socket.gethostname()[:60]}:{os.getpid()}"
+
+
+def claim(
+    using: str,
+    token: str,
+    *,
+    max_messages: int,
+    max_bytes: int,
+    lease_seconds: float,
+) -> Batch:
+    """Claim up to ``max_messages`` due rows whose wire size fits in ``max_bytes``.
+
+    A single row larger than ``max_bytes`` is still claimed (alone), so that the
+    size check at send time can dead-letter it instead of it blocking the queue.
+    """
+    skip_locked = connections[using].features.has_select_for_update_skip_locked
+    budget = max_bytes - transport.ENVELOPE_BYTES
+    with transaction.atomic(using=using):
+        due = Message.objects.using(using).filter(status=PENDING, next_attempt_at__lte=Now())
+        if skip_locked:
+            due = due.select_for_update(skip_locked=True)
+        candidates = list(
+            due.order_by("next_attempt_at", "id").values_list(
+                "id", "message_id", "type", "user_id", "payload", "attempts"
+            )[:max_messages]
+        )
+        taken: list[tuple] = []
+        size = 0
+        for row in candidates:
+            size += transport.wire_size(row[4])
+            if taken and size > budget:
+                break
+            taken.append(row)
+        if not taken:
+            return Batch([], False)
+        ids = [row[0] for row in taken]
+        lease = Now() + timedelta(seconds=lease_seconds)
+        # On PostgreSQL the rows are locked, so the conditions hold; on SQLite they
+        # are what makes the claim safe against a concurrent claimer.
+        updated = (
+            Message.objects.using(using)
+            .filter(id__in=ids, status=PENDING, next_attempt_at__lte=Now())
+            .update(
+                attempts=F("attempts") + 1,
+                locked_by=token,
+                locked_until=lease,
+                next_attempt_at=lease,
+                last_attempt_at=Now(),
+            )
+        )
+        attempts = {row[0]: row[5] + 1 for row in taken}
+        if updated != len(ids):
+            attempts = dict(
+                Message.objects.using(using)
+                .filter(id__in=ids, locked_by=token, status=PENDING)
+                .values_list("id", "attempts")
+            )
+    rows = [
+        Claimed(r[0], r[1], r[2], r[3], r[4], attempts[r[0]]) for r in taken if r[0] in attempts
+    ]
+    return Batch(rows, more=len(taken) < len(candidates) or len(candidates) == max_messages)
+
+
+def _fenced(using: str, token: str, rows: Sequence[Claimed]) -> Any:
+    """The rows still owned by this claim: same id, token, attempts and status."""
+    by_attempts: dict[int, list[int]] = {}
+    for row in rows:
+        by_attempts.setdefault(row.attempts, []).append(row.id)
+    match = Q()
+    for attempts, ids in by_attempts.items():
+        match |= Q(attempts=attempts, id__in=ids)
+    return Message.objects.using(using).filter(match, locked_by=token, status=PENDING)
+
+
+_CLEAR_LEASE = {"locked_until": None, "locked_by": ""}
+
+
+def _notify(signal: Any, using: str, ids: Iterable[int]) -> None:
+    if not signal.has_listeners(Message):
+        return
+    for message in Message.objects.using(using).filter(id__in=list(ids)).order_by("id"):
+        try:
+            signal.send(sender=Message, message=message)
+        except Exception:  # a user's receiver must not break delivery
+            logger.exception("django-cdp: a %r receiver raised", signal)
+
+
+class _Run:
+    """One drain: the settings snapshot, the claim token and the counts."""
+
+    def __init__(self, using: str, worker_id: str | None) -> None:
+        self.using = using
+        self.worker_id = (worker_id or default_worker_id())[:80]
+        self.result = DrainResult()
+        self.write_key: str = cdp_settings.WRITE_KEY or ""
+        self.url: str = cdp_settings.DATA_PLANE_URL or ""
+        self.lease = float(cdp_settings.LEASE_SECONDS)
+        self.max_attempts = int(cdp_settings.MAX_ATTEMPTS)
+        self.max_message_bytes = int(cdp_settings.MAX_MESSAGE_BYTES)
+        self.max_batch_bytes = int(cdp_settings.MAX_BATCH_BYTES)
+
+    def new_token(self) -> str:
+        return f"{self.worker_id}:{secrets.token_hex(4)}"
+
+    # Outcomes. Each is one fenced UPDATE (per attempts value) and clears the lease.
+
+    def mark_sent(self, token: str, rows: Sequence[Claimed], status: int) -> None:
+        n = _fenced(self.using, token, rows).update(
+            status=Message.Status.SENT,
+            sent_at=Now(),
+            last_response_code=status,
+            last_error="",
+            **_CLEAR_LEASE,
+        )
+        self.result.sent += n
+        _notify(message_sent, self.using, (r.id for r in rows))
+
+    def mark_failed(
+        self, token: str, rows: Sequence[Claimed], error: str, status: int | None
+    ) -> None:
+        """Dead-letter ``rows``; their identify traits will be sent again later."""
+        identifies = [r for r in rows if r.type == Message.Type.IDENTIFY]
+        with transaction.atomic(using=self.using):
+            n = _fenced(self.using, token, rows).update(
+                status=Message.Status.FAILED,
+                last_error=error,
+                last_response_code=status,
+                **_CLEAR_LEASE,
+            )
+            if identifies:
+                match = Q()
+                for r in identifies:
+                    match |= Q(user_id=r.user_id, message_id=r.message_id)
+                TraitsDigest.objects.using(self.using).filter(match).delete()
+        self.result.failed += n
+        logger.warning("django-cdp: %d message(s) failed for good: %s", n, error[:300])
+        _notify(message_failed, self.using, (r.id for r in rows))
+
+    def mark_retry(self, token: str, rows: Sequence[Claimed], resp: transport.Response) -> None:
+        """Back off (429/5xx/network), or dead-letter the rows that are out of attempts."""
+        error = resp.describe()
+        exhausted = [r for r in rows if r.attempts >= self.max_attempts]
+        if exhausted:
+            self.mark_failed(
+                token,
+                exhausted,
+                f"gave up after {self.max_attempts} attempts: {error}",
+                resp.status,
+            )
+        by_attempts: dict[int, list[Claimed]] = {}
+        for r in rows:
+            if r.attempts < self.max_attempts:
+                by_attempts.setdefault(r.attempts, []).append(r)
+        for attempts, group in by_attempts.items():
+            delay = backoff_seconds(attempts, resp.retry_after)
+            self.result.retrying += _fenced(self.using, token, group).update(
+                next_attempt_at=Now() + timedelta(seconds=delay),
+                last_error=error,
+                last_response_code=resp.status,
+                **_CLEAR_LEASE,
+            )
+        logger.warning(
+            "django-cdp: data plane did not take %d message(s), retrying later: %s",
+            len(rows),
+            error,
+        )
+
+    def mark_config_error(
+        self, token: str, rows: Sequence[Claimed], resp: transport.Response
+    ) -> None:
+        """401/403/404: keep the rows pending, give the attempt back, retry soon, be loud."""
+        error = resp.describe()
+        self.result.config_errors += _fenced(self.using, token, rows).update(
+            attempts=F("attempts") - 1,
+            next_attempt_at=Now() + timedelta(seconds=config_error_delay()),
+            last_error=error,
+            last_response_code=resp.status,
+            **_CLEAR_LEASE,
+        )
+        logger.error(
+            "django-cdp: the data plane at %s refused the write key or URL (%s); "
+            "%d message(s) stay pending until DJANGO_CDP['WRITE_KEY'] / "
+            "['DATA_PLANE_URL'] are fixed",
+            self.url,
+            error,
+            len(rows),
+        )
+
+    def release(self, token: str, rows: Sequence[Claimed]) -> None:
+        """Give unsent rows back at once, attempt refunded (the lease ran short)."""
+        self.result.released += _fenced(self.using, token, rows).update(
+            attempts=F("attempts") - 1, next_attempt_at=Now(), **_CLEAR_LEASE
+        )
+
+    def mark_skipped(self, token: str, rows: Sequence[Claimed]) -> None:
+        self.result.skipped += _fenced(self.using, token, rows).update(
+            status=Message.Status.SKIPPED, attempts=F("attempts") - 1, **_CLEAR_LEASE
+        )
+
+    # Sending.
+
+    def unsendable(self, row: Claimed) -> str | None:
+        """Why ``row`` can never be sent, or ``None``. Re-checked at send time."""
+        if not transport.is_spliceable(row.payload):
+            return "payload is not a JSON object"
+        size = transport.wire_size(row.payload) - transport.PER_MESSAGE_OVERHEAD
+        limit = min(
+            self.max_message_bytes,
+            self.max_batch_bytes - transport.ENVELOPE_BYTES - transport.PER_MESSAGE_OVERHEAD,
+        )
+        if size > limit:
+            return f"message is {size} bytes, more than the limit of {limit} bytes"
+        return None
+
+    def send(self, token: str, rows: list[Claimed], claimed_at: float) -> bool:
+        """Send one claimed batch; split it on 400/413. False means: stop draining."""
+        sendable = []
+        for row in rows:
+            why = self.unsendable(row)
+            if why:
+                self.mark_failed(token, [row], why, None)
+            else:
+                sendable.append(row)
+        work: deque[list[Claimed]] = deque([sendable] if sendable else [])
+        while work:
+            part = work.popleft()
+            if time.monotonic() - claimed_at > self.lease / 2:
+                # Another worker may claim these rows once the lease ends; stop before that.
+                self.release(token, [r for p in (part, *work) for r in p])
+                return True
+            resp = transport.post_batch(
+                [r.payload for r in part],
+                write_key=self.write_key,
+                data_plane_url=self.url,
+                use_gzip=bool(cdp_settings.GZIP),
+                connect_timeout=float(cdp_settings.CONNECT_TIMEOUT),
+                read_timeout=float(cdp_settings.READ_TIMEOUT),
+            )
+            self.result.requests += 1
+            outcome = resp.outcome
+            if outcome is Outcome.SENT:
+                self.mark_sent(token, part, resp.status or 200)
+            elif outcome is Outcome.REFUSED:
+                if len(part) == 1:
+                    self.mark_failed(token, part, resp.describe(), resp.status)
+                else:
+                    # The data plane refuses a whole request for one bad message:
+                    # bisect until the refused ones are alone.
+                    middle = len(part) // 2
+                    work.extendleft([part[middle:], part[:middle]])
+            else:
+                rest = [r for p in (part, *work) for r in p]
+                if outcome is Outcome.CONFIG:
+                    self.mark_config_error(token, rest, resp)
+                else:
+                    self.mark_retry(token, rest, resp)
+                return False
+        return True
+
+
+def drain(
+    *, using: str = "default", time_budget: float | None = None, worker_id: str | None = None
+) -> DrainResult:
+    """Deliver due messages in batches until none is due or ``time_budget`` seconds pass.
+
+    Safe to run concurrently (on PostgreSQL) from any number of processes; the
+    claim makes sure each message is in one worker's hands at a time. Must be
+    called outside a transaction so that claims and outcomes commit at once.
+    With ``SEND = False`` claimed messages become ``skipped``; without a write key
+    or data plane URL nothing is claimed and messages wait as ``pending``.
+    """
+    run = _Run(using, worker_id)
+    send = bool(cdp_settings.SEND)
+    if send and not (run.write_key and run.url):
+        logger.debug("django-cdp: WRITE_KEY or DATA_PLANE_URL is empty; nothing is sent")
+        return run.result
+    started = time.monotonic()
+    max_messages = max(1, int(cdp_settings.MAX_BATCH_MESSAGES))
+    limit = max_messages
+    while True:
+        token = run.new_token()
+        claimed_at = time.monotonic()
+        batch = claim(
+            using,
+            token,
+            max_messages=limit,
+            max_bytes=run.max_batch_bytes,
+            lease_seconds=run.lease,
+        )
+        if not batch.rows:
+            break
+        run.result.claimed += len(batch.rows)
+        # Fetch only about as many rows as fit next time (payloads can be large).
+        limit = min(max_messages, max(len(batch.rows) * 5 // 4 + 1, 10))
+        if not send:
+            run.mark_skipped(token, batch.rows)
+        elif not run.send(token, batch.rows, claimed_at):
+            break
+        if not batch.more:
+            break
+        if time_budget is not None and time.monotonic() - started >= time_budget:
+            break
+    return run.result
+
+
+# The kick.
+
+KICK_CONNECT_TIMEOUT = 1.0
+#: A kick not picked up within this many seconds is dropped by the broker; the sweep covers it.
+KICK_EXPIRES = 300
+_kick_lock = threading.Lock()
+#: alias -> (monotonic time the last published run is due, earliest time of the next one)
+_kick_state: dict[str, tuple[float, float]] = {}
+
+
+def _reset_kick_state_after_fork() -> None:
+    global _kick_lock
+    _kick_lock = threading.Lock()
+    _kick_state.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_kick_state_after_fork)
+
+
+def _next_kick(using: str, now: float, debounce: float) -> float | None:
+    """Countdown for a new run, or ``None`` when an unstarted run already covers this commit.
+
+    At most one run per ``debounce`` seconds per alias is published, and every
+    commit is followed by a run that starts after it: a commit during a
+    run's wait joins that run; a later one schedules the next slot.
+    """
+    with _kick_lock:
+        due, next_slot = _kick_state.get(using, (float("-inf"), float("-inf")))
+        if due > now:
+            return None
+        at = max(now, next_slot)
+        _kick_state[using] = (at, at + debounce)
+        return at - now
+
+
+def request_delivery(using: str = "default") -> None:
+    """Ask a Celery worker to deliver soon; called after a commit that wrote messages.
+
+    Never raises and never blocks for long: it publishes without retries over a
+    connection with a short timeout, and only logs a warning when the broker is
+    unreachable, because the messages are safe in the outbox and the periodic
+    sweep delivers them. Does nothing unless ``DELIVERY == "celery"``.
+    """
+    try:
+        if cdp_settings.DELIVERY != "celery":
+            return
+        countdown = _next_kick(using, time.monotonic(), float(cdp_settings.KICK_DEBOUNCE_SECONDS))
+        if countdown is None:
+            return
+        from django_cdp.tasks import deliver
+
+        _publish(deliver, using, countdown)
+    except Exception as exc:
+        with _kick_lock:
+            _kick_state.pop(using, None)  # let the next commit try again
+        logger.warning(
+            "django-cdp: could not ask a worker to deliver (%s: %s); the periodic sweep "
+            "will deliver the messages",
+            type(exc).__name__,
+            exc,
+        )
+
+
+def _publish(task: Any, using: str, countdown: float) -> None:
+    transport_options: dict[str, Any] = {"max_retries": 0}
+    conn = task.app.connection_for_write(connect_timeout=KICK_CONNECT_TIMEOUT)
+    try:
+        if conn.transport.driver_type == "redis":
+            transport_options.update(
+                socket_timeout=KICK_CONNECT_TIMEOUT, socket_connect_timeout=KICK_CONNECT_TIMEOUT
+            )
+        conn.transport_options = {**conn.transport_options, **transport_options}
+        options: dict[str, Any] = {"retry": False, "connection": conn, "expires": KICK_EXPIRES}
+        if countdown > 0.001:
+            options["countdown"] = countdown
+        task.apply_async(kwargs={"using": using}, **options)
+    finally:
+        conn.release()

@@ -1,0 +1,65 @@
+"""``manage.py cdp_deliver``: drain the outbox in the foreground, without Celery.
+
+For cron (``DELIVERY = "manual"``), for development, and for projects without a
+broker. ``--loop`` keeps draining every ``--interval`` seconds.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandParser
+
+from django_cdp.delivery import DrainResult, drain
+
+
+class Command(BaseCommand):
+    help = "Send due django-cdp messages to the data plane (once, or with --loop until stopped)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--loop", action="store_true", help="Keep draining until interrupted.")
+        parser.add_argument(
+            "--interval",
+            type=float,
+            default=2.0,
+            help="With --loop: seconds to wait when nothing was due (default 2).",
+        )
+        parser.add_argument(
+            "--database", default="default", help="Database alias of the outbox (default: default)."
+        )
+        parser.add_argument(
+            "--time-budget",
+            type=float,
+            default=None,
+            help="Stop a drain after this many seconds (default: until nothing is due).",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        using: str = options["database"]
+        if not options["loop"]:
+            self._report(drain(using=using, time_budget=options["time_budget"]), always=True)
+            return
+        stopping = False
+
+        def stop(signum: int, frame: Any) -> None:
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        try:
+            while not stopping:
+                result = drain(using=using, time_budget=options["time_budget"] or 60.0)
+                self._report(result, always=False)
+                if not result.claimed or result.retrying or result.config_errors:
+                    # Nothing due, or the data plane is unhappy: wait before the next round.
+                    deadline = time.monotonic() + options["interval"]
+                    while not stopping and time.monotonic() < deadline:
+                        time.sleep(min(0.2, options["interval"]))
+        except KeyboardInterrupt:
+            pass
+
+    def _report(self, result: DrainResult, *, always: bool) -> None:
+        if always or result.claimed:
+            self.stdout.write(str(result))

@@ -1,0 +1,241 @@
+"""HTTP transport to a RudderStack or Segment data plane (``POST /v1/batch``).
+
+This module knows the wire format and nothing about the database: it turns
+stored payload strings into one request body, posts it, and classifies the
+answer. Delivery (``django_cdp.delivery``) decides what each class of answer
+means for the rows.
+
+Why it looks the way it does:
+
+* Each outbox row already holds its message as compact JSON, so the body is
+  built by string splicing (``sentAt`` is inserted before each message's final
+  ``}``) instead of decoding and re-encoding every message.
+* Each message carries its own ``sentAt`` because rudder-server ignores
+  everything at the top of a batch body except ``batch``; with a per-message
+  ``originalTimestamp`` and ``sentAt`` the data plane corrects clock skew.
+* One pooled ``requests.Session`` per process, re-created after ``fork()``:
+  a session (and its sockets) inherited from a parent process is shared with
+  it, which corrupts both (Celery prefork, gunicorn ``--preload``).
+* Responses are classified by status code only; rudder-server changed the case
+  of its response texts between releases.
+* The write key never appears in logs or stored errors (see :func:`mask`).
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import enum
+import gzip
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import requests
+from requests.adapters import HTTPAdapter
+
+import django_cdp
+
+BATCH_PATH = "/v1/batch"
+#: Bytes of ``{"batch":[]}`` around the messages.
+ENVELOPE_BYTES = len(b'{"batch":[]}')
+_SENT_AT_EXAMPLE = "2000-01-01T00:00:00.000Z"
+#: Bytes a message grows by on the wire: ``,"sentAt":"…"`` plus the comma between messages.
+PER_MESSAGE_OVERHEAD = len(f',"sentAt":"{_SENT_AT_EXAMPLE}"') + 1
+#: How much of a response body is kept (it ends up in ``Message.last_error``).
+MAX_BODY_CHARS = 2000
+USER_AGENT = f"django-cdp/{django_cdp.__version__}"
+
+
+class Outcome(enum.Enum):
+    """What a response means for the messages in the request."""
+
+    #: 2xx: stored by the data plane.
+    SENT = "sent"
+    #: 429, 5xx, other unexpected codes, timeouts, connection errors: try again later.
+    RETRY = "retry"
+    #: 400/413: the request was refused for its content; one or more messages are bad.
+    REFUSED = "refused"
+    #: 401/403/404: bad write key, disabled source or wrong URL; not the messages' fault.
+    CONFIG = "config"
+
+
+@dataclass(frozen=True)
+class Response:
+    """The result of one POST, reduced to what delivery needs."""
+
+    #: HTTP status code, or ``None`` when no response arrived (timeout, connection error).
+    status: int | None
+    #: Response body (truncated), or the masked exception text when there was no response.
+    text: str
+    #: Seconds asked for by a ``Retry-After`` header, if any.
+    retry_after: float | None = None
+
+    @property
+    def outcome(self) -> Outcome:
+        return classify(self.status)
+
+    def describe(self) -> str:
+        """A one-line description for ``Message.last_error`` and logs."""
+        if self.status is None:
+            return self.text
+        return f"HTTP {self.status}: {self.text}" if self.text else f"HTTP {self.status}"
+
+
+def classify(status: int | None) -> Outcome:
+    """Map a status code (``None``: no response) to an :class:`Outcome`.
+
+    Codes the API does not document (3xx, 405, 408, 422, ...) are retried:
+    retrying spends attempts and ends in a visible dead letter, whereas
+    treating them as refusals would drop messages on a proxy's hiccup.
+    """
+    if status is None:
+        return Outcome.RETRY
+    if 200 <= status < 300:
+        return Outcome.SENT
+    if status in (400, 413):
+        return Outcome.REFUSED
+    if status in (401, 403, 404):
+        return Outcome.CONFIG
+    return Outcome.RETRY
+
+
+def wire_size(payload: str) -> int:
+    """Bytes ``payload`` takes in a batch body, ``sentAt`` and separator included."""
+    size = len(payload) if payload.isascii() else len(payload.encode("utf-8"))
+    return size + PER_MESSAGE_OVERHEAD
+
+
+def is_spliceable(payload: str) -> bool:
+    """Whether ``payload`` looks like one compact JSON object (``sentAt`` can be spliced in)."""
+    return len(payload) >= 2 and payload[0] == "{" and payload[-1] == "}"
+
+
+def format_timestamp(moment: datetime | None = None) -> str:
+    """ISO 8601 UTC with milliseconds and ``Z``, the form both data planes document."""
+    moment = (moment or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def build_body(payloads: Sequence[str], sent_at: str) -> bytes:
+    """The UTF-8 ``{"batch": [...]}`` body, with ``sentAt`` spliced into every message.
+
+    ``payloads`` must pass :func:`is_spliceable` (delivery checks before claiming
+    a send); the messages themselves are copied byte for byte.
+    """
+    tail = f',"sentAt":"{sent_at}"}}'
+    parts = [p[:-1] + (tail[1:] if p[-2] == "{" else tail) for p in payloads]
+    return ('{"batch":[' + ",".join(parts) + "]}").encode("utf-8")
+
+
+def mask(text: str, secret: str) -> str:
+    """``text`` with every occurrence of ``secret`` (and its Basic-auth form) hidden."""
+    if not secret:
+        return text
+    masked = text.replace(secret, "***")
+    return masked.replace(_basic_token(secret), "***")
+
+
+def _basic_token(write_key: str) -> str:
+    return base64.b64encode(f"{write_key}:".encode()).decode("ascii")
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds asked for by a ``Retry-After`` header (seconds or HTTP date), else ``None``."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+# One session per process. ``os.register_at_fork`` drops it in children; the PID
+# check covers processes created without fork hooks (e.g. by C extensions).
+_session_lock = threading.Lock()
+_session: requests.Session | None = None
+_session_pid: int | None = None
+
+
+def _new_session() -> requests.Session:
+    session = requests.Session()
+    # No urllib3-level retries: every retry decision is made (and recorded) by delivery.
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=8, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers["User-Agent"] = USER_AGENT
+    return session
+
+
+def get_session() -> requests.Session:
+    """This process's pooled session (created on first use, and again after a fork)."""
+    global _session, _session_pid
+    pid = os.getpid()
+    if _session is None or _session_pid != pid:
+        with _session_lock:
+            if _session is None or _session_pid != pid:
+                _session = _new_session()
+                _session_pid = pid
+    return _session
+
+
+def _forget_session_after_fork() -> None:
+    # Do not close it: its sockets belong to the parent too.
+    global _session, _session_pid, _session_lock
+    _session = None
+    _session_pid = None
+    _session_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_session_after_fork)
+
+
+def post_batch(
+    payloads: Sequence[str],
+    *,
+    write_key: str,
+    data_plane_url: str,
+    use_gzip: bool = True,
+    connect_timeout: float = 5.0,
+    read_timeout: float = 15.0,
+    sent_at: str | None = None,
+) -> Response:
+    """POST ``payloads`` as one batch and return the classified-ready :class:`Response`.
+
+    Never raises for network problems: they come back as ``status=None`` with a
+    masked description, because for delivery they are just another outcome.
+    """
+    body = build_body(payloads, sent_at or format_timestamp())
+    headers = {
+        "Content-Type": "application/json",
+        "Authorization": "Basic " + _basic_token(write_key),
+    }
+    if use_gzip:
+        # Level 1: JSON compresses ~10x even at the fastest level, and CPU is the bottleneck.
+        body = gzip.compress(body, compresslevel=1, mtime=0)
+        headers["Content-Encoding"] = "gzip"
+    url = data_plane_url.rstrip("/") + BATCH_PATH
+    try:
+        resp = get_session().post(
+            url, data=body, headers=headers, timeout=(connect_timeout, read_timeout)
+        )
+        text = resp.content[:MAX_BODY_CHARS].decode("utf-8", "replace").strip()
+    except requests.RequestException as exc:
+        kind = "timeout" if isinstance(exc, requests.Timeout) else "connection error"
+        return Response(None, mask(f"{kind}: {type(exc).__name__}: {exc}", write_key))
+    return Response(
+        resp.status_code,
+        mask(text, write_key),
+        parse_retry_after(resp.headers.get("Retry-After")),
+    )
