@@ -203,9 +203,10 @@ class DataPlaneServer(ThreadingHTTPServer):
                 size,
             )
             self.requests.append(record)
-        while self.hang.is_set() and not self._stopped.is_set():
-            time.sleep(0.05)
-        if self._stopped.is_set():
+        if self.hang.is_set():
+            # A hung gateway: the request waits, then ends without an answer or a record.
+            while self.hang.is_set() and not self._stopped.is_set():
+                time.sleep(0.05)
             return
         if status == 200:
             with self.lock:
