@@ -211,7 +211,7 @@ class DataPlaneServer(ThreadingHTTPServer):
         if status == 200:
             with self.lock:
                 self.messages.extend(items)
-            self._print(items)
+            self.received(items)
         if self.delay:
             time.sleep(self.delay)
         handler._answer(status, text, headers=extra)
@@ -270,7 +270,8 @@ class DataPlaneServer(ThreadingHTTPServer):
             return False
         return bool(user) and (self.write_key is None or user == self.write_key)
 
-    def _print(self, items: list[dict[str, Any]]) -> None:
+    def received(self, items: list[dict[str, Any]]) -> None:
+        """Called with the messages of every accepted request: prints them (override to record)."""
         if self.out is None:
             return
         lines = [format_message(i, as_json=self.print_json) for i in items]

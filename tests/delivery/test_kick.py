@@ -1,0 +1,76 @@
+"""The kick after commit: debounced, never raising, never stalling."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+from django_cdp import delivery
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state():
+    delivery._kick_state.clear()
+    yield
+    delivery._kick_state.clear()
+
+
+@pytest.fixture
+def published(monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        delivery, "_publish", lambda task, using, countdown: calls.append((using, countdown))
+    )
+    return calls
+
+
+def test_manual_mode_publishes_nothing(configure, published):
+    configure(DELIVERY="manual")
+    delivery.request_delivery("default")
+    assert published == []
+
+
+def test_debounced_per_alias_and_every_commit_is_covered(configure, published):
+    configure(DELIVERY="celery", KICK_DEBOUNCE_SECONDS=0.5)
+    for _ in range(50):
+        delivery.request_delivery("default")
+    delivery.request_delivery("other")
+    # One run now; commits after it was published join one more run a debounce later.
+    assert [(u, round(c, 1)) for u, c in published] == [
+        ("default", 0.0),
+        ("default", 0.5),
+        ("other", 0.0),
+    ]
+
+
+def test_debounce_schedule_is_exact():
+    assert delivery._next_kick("a", 10.0, 1.0) == 0.0
+    # The run published at 10.0 may already have looked: the next run is at 11.0.
+    assert delivery._next_kick("a", 10.0, 1.0) == 1.0
+    assert delivery._next_kick("a", 10.2, 1.0) is None  # the run at 11.0 covers it
+    assert delivery._next_kick("a", 10.9, 1.0) is None
+    assert delivery._next_kick("a", 11.2, 1.0) == pytest.approx(0.8)  # at 12.0
+    assert delivery._next_kick("a", 15.0, 1.0) == 0.0  # quiet for a while: at once
+
+
+def test_unreachable_broker_is_logged_fast_and_retried_next_commit(configure, caplog):
+    from celery import Celery
+
+    app = Celery("unreachable", broker="redis://127.0.0.1:9/0", set_as_current=False)
+    app.set_current()
+    try:
+        configure(DELIVERY="celery", KICK_DEBOUNCE_SECONDS=10.0)
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, "django_cdp.delivery"):
+            delivery.request_delivery("default")
+        assert time.monotonic() - started < 1.5
+        assert "could not ask a worker to deliver" in caplog.text
+        assert "default" not in delivery._kick_state  # the next commit tries again
+    finally:
+        from celery import _state
+
+        _state.default_app.set_current()
