@@ -1,14 +1,126 @@
-"""The delivery log: the outbox, read-only, in the Django admin."""
+"""The delivery log: the outbox, read-only, in the Django admin.
+
+The outbox table is also the delivery log, and on a busy site it holds
+millions of rows, so every page here is built to cost a fixed handful of
+indexed queries: the changelist never counts the whole table (the count is
+capped), the filters' choices come from the tracking plan rather than a
+``SELECT DISTINCT``, and search uses exact matches on indexed columns.
+
+Nothing can be added or edited by hand (a message is a record of what
+happened); failed messages can be requeued by users with the change
+permission; only superusers can delete.
+"""
 
 from __future__ import annotations
 
-from django.contrib import admin
+import json
+from datetime import timedelta
+from typing import Any
 
+from django.apps import apps
+from django.contrib import admin, messages
+from django.core.paginator import Paginator
+from django.db import transaction
+from django.db.models import Q, QuerySet
+from django.http import HttpRequest
+from django.urls import NoReverseMatch, reverse
+from django.utils import timezone
+from django.utils.functional import cached_property
+from django.utils.html import format_html
+from django.utils.safestring import mark_safe
+
+from django_cdp import health
 from django_cdp.models import Message
+from django_cdp.registry import registry
+
+#: The changelist counts at most this many matching rows (``COUNT`` over a ``LIMIT``).
+COUNT_CAP = 10_000
+#: The live page returns at most this many messages per poll.
+LIVE_LIMIT = 50
+
+
+def _request_delivery() -> Any:
+    """``django_cdp.delivery.request_delivery`` when delivery provides it, else None."""
+    try:
+        from django_cdp import delivery
+    except ImportError:
+        return None
+    return getattr(delivery, "request_delivery", None)
+
+
+class CappedCountPaginator(Paginator):
+    """A paginator whose count stops at :data:`COUNT_CAP`.
+
+    ``SELECT COUNT(*) FROM (SELECT ... LIMIT cap+1)`` costs at most ``cap`` index
+    entries however big the table is; past the cap the log shows "10000" and
+    the last pages are reached by filtering, not paging.
+    """
+
+    @cached_property
+    def count(self) -> int:
+        return min(self.object_list[: COUNT_CAP + 1].count(), COUNT_CAP)
+
+
+class EventNameFilter(admin.SimpleListFilter):
+    """Event names from the tracking plan (the registry), not ``SELECT DISTINCT event``."""
+
+    title = "event name"
+    parameter_name = "event"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list:
+        names = {config.event_names[action] for config in registry for action in config.events}
+        return [(n, n) for n in sorted(names)]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        value = self.value()
+        return queryset.filter(event=value) if value else queryset
+
+
+class SourceModelFilter(admin.SimpleListFilter):
+    """The registered models (from the registry), matched on the indexed ``source_model``."""
+
+    title = "source model"
+    parameter_name = "source_model"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list:
+        labels = {config.model._meta.label_lower for config in registry}
+        return [(label, label) for label in sorted(labels)]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        value = self.value()
+        return queryset.filter(source_model=value) if value else queryset
+
+
+class CreatedFilter(admin.SimpleListFilter):
+    """A date range on the indexed ``created_at``, in the windows people ask about."""
+
+    title = "created"
+    parameter_name = "created"
+    RANGES = {
+        "1h": ("Last hour", timedelta(hours=1)),
+        "24h": ("Last 24 hours", timedelta(days=1)),
+        "7d": ("Last 7 days", timedelta(days=7)),
+        "30d": ("Last 30 days", timedelta(days=30)),
+    }
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list:
+        return [(key, label) for key, (label, _) in self.RANGES.items()]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        value = self.value()
+        if value in self.RANGES:
+            return queryset.filter(created_at__gte=timezone.now() - self.RANGES[value][1])
+        return queryset
+
+
+def _pretty(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False)
 
 
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
+    """The delivery log. Read-only; see the module docstring for what stays cheap and why."""
+
     list_display = (
         "created_at",
         "type",
@@ -19,16 +131,188 @@ class MessageAdmin(admin.ModelAdmin):
         "last_response_code",
         "sent_at",
     )
-    list_filter = ("status", "type")
-    search_fields = ("=user_id", "=message_id", "event")
+    list_display_links = ("created_at", "event")
+    list_filter = ("status", "type", EventNameFilter, SourceModelFilter, CreatedFilter)
+    search_fields = ("user_id", "message_id", "event")
+    search_help_text = "Exact userId, messageId or event name."
     ordering = ("-id",)
     show_full_result_count = False
+    paginator = CappedCountPaginator
+    list_per_page = 100
+    list_select_related = ()  # Message has no foreign keys: one query for the page.
+    actions = ("requeue",)
+    change_list_template = "admin/django_cdp/message/change_list.html"
+    change_form_template = "admin/django_cdp/message/change_form.html"
+    readonly_fields = (
+        "summary",
+        "message_id",
+        "type",
+        "event",
+        "user_id",
+        "status",
+        "attempts",
+        "created_at",
+        "last_attempt_at",
+        "sent_at",
+        "next_attempt_at",
+        "last_response_code",
+        "error",
+        "source",
+        "pretty_payload",
+    )
+    fieldsets = (
+        (None, {"fields": ("summary", "message_id", "type", "event", "user_id", "source")}),
+        (
+            "Delivery",
+            {
+                "fields": (
+                    "status",
+                    "attempts",
+                    "created_at",
+                    "last_attempt_at",
+                    "sent_at",
+                    "next_attempt_at",
+                    "last_response_code",
+                    "error",
+                )
+            },
+        ),
+        ("Payload (as sent; delivery adds sentAt)", {"fields": ("pretty_payload",)}),
+    )
 
-    def has_add_permission(self, request) -> bool:
+    # --- permissions ---------------------------------------------------------------------------
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    def has_change_permission(self, request, obj=None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: Message | None = None) -> bool:
+        # Messages are records: never edited by hand. Requeue has its own permission check.
         return False
 
-    def has_delete_permission(self, request, obj=None) -> bool:
+    def has_delete_permission(self, request: HttpRequest, obj: Message | None = None) -> bool:
         return request.user.is_superuser
+
+    def has_requeue_permission(self, request: HttpRequest) -> bool:
+        """Requeueing changes rows, so it needs the model's real change permission."""
+        opts = self.opts
+        return request.user.has_perm(f"{opts.app_label}.change_{opts.model_name}")
+
+    # --- search: exact matches on indexed columns ----------------------------------------------
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet, search_term: str
+    ) -> tuple[QuerySet, bool]:
+        """Exact ``userId``/``messageId``/event: ``icontains`` would scan a million rows."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        return queryset.filter(Q(user_id=term) | Q(message_id=term) | Q(event=term)), False
+
+    # --- actions ---------------------------------------------------------------------------------
+
+    @admin.action(description="Requeue selected failed messages", permissions=["requeue"])
+    def requeue(self, request: HttpRequest, queryset: QuerySet) -> None:
+        """Make failed messages due now with a fresh attempt budget.
+
+        ``last_error`` and ``last_response_code`` are kept, so the detail page still
+        shows why the message failed until the next attempt overwrites them.
+        Messages in any other status are left alone (a pending row may be leased by
+        a worker right now; a sent one must not be sent twice).
+        """
+        using = queryset.db
+        n = queryset.filter(status=Message.Status.FAILED).update(
+            status=Message.Status.PENDING,
+            attempts=0,
+            next_attempt_at=timezone.now(),
+            locked_until=None,
+            locked_by="",
+        )
+        if n:
+            request_delivery = _request_delivery()
+            if request_delivery is not None:
+                transaction.on_commit(lambda: request_delivery(using), using=using)
+            self.message_user(request, f"Requeued {n} failed message(s).", messages.SUCCESS)
+        else:
+            self.message_user(
+                request,
+                "No failed message was selected: only failed messages can be requeued.",
+                messages.WARNING,
+            )
+
+    # --- detail ----------------------------------------------------------------------------------
+
+    @admin.display(description="call")
+    def summary(self, obj: Message) -> str:
+        """The call as a person reads it: who, what, which properties or traits, when."""
+        try:
+            data = obj.data
+        except ValueError:
+            return "(payload is not valid JSON)"
+        who = data.get("userId") or data.get("anonymousId") or "?"
+        when = timezone.localtime(obj.created_at).strftime("%Y-%m-%d %H:%M:%S %Z")
+        if obj.type == Message.Type.IDENTIFY:
+            fields = data.get("traits") or {}
+            head = format_html("Identify <b>{}</b> with traits", who)
+        else:
+            fields = data.get("properties") or {}
+            head = format_html("<b>{}</b> did <b>{}</b> with properties", who, obj.event)
+        items = format_html(
+            "<ul>{}</ul>",
+            mark_safe(
+                "".join(
+                    str(format_html("<li><code>{}</code>: {}</li>", k, json.dumps(v)))
+                    for k, v in fields.items()
+                )
+            ),
+        )
+        return format_html("{} {}<div>written {}</div>", head, items, when)
+
+    @admin.display(description="payload")
+    def pretty_payload(self, obj: Message) -> str:
+        try:
+            text = _pretty(obj.data)
+        except ValueError:
+            text = obj.payload
+        return format_html('<pre class="cdp-payload" style="white-space: pre-wrap">{}</pre>', text)
+
+    @admin.display(description="last error")
+    def error(self, obj: Message) -> str:
+        if not obj.last_error:
+            return "-"
+        return format_html(
+            '<pre class="cdp-error" style="white-space: pre-wrap">{}</pre>',
+            health.mask_secrets(obj.last_error),
+        )
+
+    @admin.display(description="source object")
+    def source(self, obj: Message) -> str:
+        """A link to the changed object's own admin page, without loading the object."""
+        if not obj.source_model:
+            return "-"
+        label = f"{obj.source_model} #{obj.source_pk}"
+        try:
+            model = apps.get_model(obj.source_model)
+        except (LookupError, ValueError):
+            return label
+        if model not in self.admin_site._registry:
+            return label
+        try:
+            url = reverse(
+                f"{self.admin_site.name}:{model._meta.app_label}_{model._meta.model_name}_change",
+                args=[obj.source_pk],
+            )
+        except NoReverseMatch:
+            return label
+        return format_html('<a href="{}">{}</a>', url, label)
+
+    # --- pages -----------------------------------------------------------------------------------
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict | None = None) -> Any:
+        extra_context = {
+            **(extra_context or {}),
+            "cdp_status": health.delivery_status(self._using(request)),
+        }
+        return super().changelist_view(request, extra_context)
+
+    def _using(self, request: HttpRequest) -> str:
+        return self.get_queryset(request).db

@@ -1,0 +1,277 @@
+"""Delivery health, read from the outbox table itself.
+
+The admin's health page, the delivery log's banner and ``manage.py cdp_health``
+all use this module, so the page a person looks at and the exit code cron acts
+on can never disagree. Every query is bounded: by a time window on the indexed
+``created_at``, by the ``pending`` status (few rows when delivery works), or by
+a ``LIMIT``; nothing counts the whole table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db.models import Count, Min, Q
+from django.db.models.functions import Substr, TruncHour
+from django.utils import timezone
+
+from django_cdp.models import Message
+from django_cdp.settings import cdp_settings
+
+#: Oldest pending message older than this: delivery is stuck (banner and default threshold).
+STUCK_AFTER = timedelta(minutes=15)
+#: Share of the last hour's finished messages that failed above which delivery is unhealthy.
+MAX_FAILURE_RATE = 0.05
+#: Response codes with which the data plane refuses the write key or URL.
+CONFIG_ERROR_CODES = (401, 403, 404)
+#: The write-to-sent delay percentiles are computed over at most this many recent messages.
+DELAY_SAMPLE = 10_000
+
+WINDOWS: tuple[tuple[str, timedelta], ...] = (
+    ("hour", timedelta(hours=1)),
+    ("day", timedelta(days=1)),
+    ("week", timedelta(days=7)),
+)
+CHART_STATUSES = ("sent", "pending", "failed", "blocked", "skipped")
+
+
+def mask_secrets(text: str) -> str:
+    """Replace the write key in ``text``: error texts can echo request details back."""
+    key = cdp_settings.WRITE_KEY
+    if text and isinstance(key, str) and len(key) >= 4:
+        return text.replace(key, "****")
+    return text
+
+
+def masked_write_key() -> str:
+    """How the admin shows the write key: whether it is set, never its value."""
+    key = cdp_settings.WRITE_KEY
+    return "set (hidden)" if key else "not set"
+
+
+@dataclass
+class Status:
+    """The banner: is delivery working, and if not since when and why."""
+
+    ok: bool
+    oldest_pending_at: datetime | None
+    oldest_pending_age: timedelta | None
+    config_error: str | None = None
+    config_error_code: int | None = None
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def message(self) -> str:
+        if self.ok:
+            return "Everything is fine: nothing has been waiting for delivery too long."
+        return "Delivery is stuck: " + "; ".join(self.reasons)
+
+
+def delivery_status(
+    using: str = "default",
+    *,
+    stuck_after: timedelta = STUCK_AFTER,
+    now: datetime | None = None,
+) -> Status:
+    """Two small queries: the oldest pending row, and a pending row the data plane refused."""
+    now = now or timezone.now()
+    qs = Message.objects.using(using)
+    oldest = (
+        qs.filter(status=Message.Status.PENDING)
+        .order_by("created_at")
+        .values_list("created_at", flat=True)
+        .first()
+    )
+    refused = (
+        qs.filter(status=Message.Status.PENDING, last_response_code__in=CONFIG_ERROR_CODES)
+        .order_by("-id")
+        .values_list("last_response_code", "last_error")
+        .first()
+    )
+    age = now - oldest if oldest is not None else None
+    reasons = []
+    if age is not None and age > stuck_after:
+        reasons.append(
+            f"the oldest pending message was written {_fmt_age(age)} ago "
+            f"(at {timezone.localtime(oldest):%Y-%m-%d %H:%M:%S %Z})"
+        )
+    code, error = refused if refused else (None, None)
+    if code is not None:
+        reasons.append(
+            f"the data plane answers {code} (check DJANGO_CDP['WRITE_KEY'] and ['DATA_PLANE_URL'])"
+        )
+    return Status(
+        ok=not reasons,
+        oldest_pending_at=oldest,
+        oldest_pending_age=age,
+        config_error=mask_secrets(error) if error else None,
+        config_error_code=code,
+        reasons=reasons,
+    )
+
+
+def _fmt_age(age: timedelta) -> str:
+    seconds = int(age.total_seconds())
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    if seconds < 2 * 86400:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    return f"{seconds // 86400} days"
+
+
+def _percentile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    rank = max(0, math.ceil(q * len(sorted_values)) - 1)
+    return sorted_values[rank]
+
+
+def window_counts(using: str = "default", now: datetime | None = None) -> dict[str, dict]:
+    """Written/sent/pending/failed per window, in one query bounded by the widest window."""
+    now = now or timezone.now()
+    aggregates: dict[str, Any] = {}
+    for name, span in WINDOWS:
+        since = Q(created_at__gte=now - span)
+        aggregates[f"{name}_written"] = Count("id", filter=since)
+        for status in ("sent", "pending", "failed"):
+            aggregates[f"{name}_{status}"] = Count("id", filter=since & Q(status=status))
+    widest = max(span for _, span in WINDOWS)
+    row = Message.objects.using(using).filter(created_at__gte=now - widest).aggregate(**aggregates)
+    return {
+        name: {k: row[f"{name}_{k}"] for k in ("written", "sent", "pending", "failed")}
+        for name, _ in WINDOWS
+    }
+
+
+def delays(using: str = "default", now: datetime | None = None) -> dict[str, float | None]:
+    """p50/p95 seconds from write to sent, over the last day's most recent sent messages."""
+    now = now or timezone.now()
+    rows = (
+        Message.objects.using(using)
+        .filter(status=Message.Status.SENT, created_at__gte=now - timedelta(days=1))
+        .order_by("-id")
+        .values_list("created_at", "sent_at")[:DELAY_SAMPLE]
+    )
+    values = sorted((sent - created).total_seconds() for created, sent in rows if sent)
+    return {"p50": _percentile(values, 0.5), "p95": _percentile(values, 0.95), "n": len(values)}
+
+
+def top_errors(using: str = "default", now: datetime | None = None, limit: int = 10) -> list[dict]:
+    """The week's most common failure texts (first 200 characters), with a sample message."""
+    now = now or timezone.now()
+    rows = (
+        Message.objects.using(using)
+        .filter(created_at__gte=now - timedelta(days=7))
+        .exclude(last_error="")
+        .filter(Q(status=Message.Status.FAILED) | Q(status=Message.Status.PENDING))
+        .annotate(error=Substr("last_error", 1, 200))
+        .values("error")
+        .annotate(count=Count("id"), sample_id=Min("id"))
+        .order_by("-count")[:limit]
+    )
+    return [{**r, "error": mask_secrets(r["error"])} for r in rows]
+
+
+def hourly(using: str = "default", now: datetime | None = None) -> list[dict]:
+    """Messages per hour by status over the last 24 hours, oldest hour first, gaps filled."""
+    now = now or timezone.now()
+    start = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=23)
+    rows = (
+        Message.objects.using(using)
+        .filter(created_at__gte=start)
+        .annotate(hour=TruncHour("created_at", tzinfo=timezone.get_current_timezone()))
+        .values("hour", "status")
+        .annotate(n=Count("id"))
+        .order_by()
+    )
+    buckets: dict[datetime, dict[str, int]] = {}
+    for r in rows:
+        hour = r["hour"].astimezone(timezone.get_current_timezone()).replace(tzinfo=None)
+        buckets.setdefault(hour, {})[r["status"]] = r["n"]
+    out = []
+    local_start = timezone.localtime(start).replace(tzinfo=None)
+    for i in range(24):
+        hour = local_start + timedelta(hours=i)
+        counts = buckets.get(hour, {})
+        out.append({"hour": hour, **{s: counts.get(s, 0) for s in CHART_STATUSES}})
+    return out
+
+
+CHART_COLORS = {
+    "sent": "#3a8a3a",
+    "pending": "#c9a227",
+    "failed": "#c0392b",
+    "blocked": "#7f4fa0",
+    "skipped": "#999999",
+}
+
+
+def hourly_svg(hours: list[dict]) -> str:
+    """A stacked bar chart as inline SVG: no JavaScript, no CDN, works offline."""
+    width, height, pad_left, pad_bottom, top = 720, 220, 40, 24, 10
+    plot_h = height - pad_bottom - top
+    bar_w = (width - pad_left) / max(len(hours), 1)
+    peak = max((sum(h[s] for s in CHART_STATUSES) for h in hours), default=0) or 1
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" id="cdp-hourly-chart" role="img" '
+        f'width="{width}" height="{height}" viewBox="0 0 {width} {height}">',
+        "<title>Messages per hour by status, last 24 hours</title>",
+        f'<text x="2" y="{top + 8}" font-size="10">{peak}</text>',
+        f'<text x="2" y="{height - pad_bottom}" font-size="10">0</text>',
+        f'<line x1="{pad_left}" y1="{height - pad_bottom}" x2="{width}" '
+        f'y2="{height - pad_bottom}" stroke="#888"/>',
+    ]
+    for i, h in enumerate(hours):
+        x = pad_left + i * bar_w
+        y = height - pad_bottom
+        for s in CHART_STATUSES:
+            if not h[s]:
+                continue
+            bh = h[s] / peak * plot_h
+            y -= bh
+            parts.append(
+                f'<rect class="bar-{s}" x="{x + 1:.1f}" y="{y:.1f}" width="{bar_w - 2:.1f}" '
+                f'height="{bh:.1f}" fill="{CHART_COLORS[s]}">'
+                f"<title>{h['hour']:%H}:00 {s}: {h[s]}</title></rect>"
+            )
+        if i % 3 == 0:
+            parts.append(
+                f'<text x="{x + 1:.1f}" y="{height - 8}" font-size="10">{h["hour"]:%H}:00</text>'
+            )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def report(
+    using: str = "default",
+    *,
+    stuck_after: timedelta = STUCK_AFTER,
+    max_failure_rate: float = MAX_FAILURE_RATE,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """Everything the health page and ``cdp_health`` show, plus the verdict."""
+    now = now or timezone.now()
+    status = delivery_status(using, stuck_after=stuck_after, now=now)
+    windows = window_counts(using, now)
+    hour = windows["hour"]
+    finished = hour["sent"] + hour["failed"]
+    failure_rate = hour["failed"] / finished if finished else 0.0
+    if failure_rate > max_failure_rate:
+        status.ok = False
+        status.reasons.append(
+            f"{failure_rate:.0%} of the last hour's finished messages failed "
+            f"(threshold {max_failure_rate:.0%})"
+        )
+    return {
+        "status": status,
+        "windows": windows,
+        "failure_rate": failure_rate,
+        "delays": delays(using, now),
+        "errors": top_errors(using, now),
+        "now": now,
+    }
