@@ -19,11 +19,13 @@ from typing import Any
 
 from django.apps import apps
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import transaction
 from django.db.models import Q, QuerySet
-from django.http import HttpRequest
-from django.urls import NoReverseMatch, reverse
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.urls import NoReverseMatch, path, reverse
 from django.utils import timezone
 from django.utils.functional import cached_property
 from django.utils.html import format_html
@@ -307,12 +309,60 @@ class MessageAdmin(admin.ModelAdmin):
 
     # --- pages -----------------------------------------------------------------------------------
 
+    def get_urls(self) -> list:
+        wrap = self.admin_site.admin_view
+        return [
+            path("health/", wrap(self.health_view), name=self._url_name("health")),
+            *super().get_urls(),
+        ]
+
+    def _url_name(self, suffix: str) -> str:
+        return f"{self.opts.app_label}_{self.opts.model_name}_{suffix}"
+
+    def _reverse(self, suffix: str) -> str:
+        return reverse(f"{self.admin_site.name}:{self._url_name(suffix)}")
+
+    def _links(self) -> list[tuple[str, str]]:
+        return [("Delivery health", self._reverse("health"))]
+
+    def _require_view(self, request: HttpRequest) -> None:
+        """Staff without ``view_message`` get 403, as the admin's own views answer."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+
     def changelist_view(self, request: HttpRequest, extra_context: dict | None = None) -> Any:
         extra_context = {
             **(extra_context or {}),
             "cdp_status": health.delivery_status(self._using(request)),
+            "cdp_links": self._links(),
         }
         return super().changelist_view(request, extra_context)
+
+    def change_view(
+        self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: Any = None
+    ) -> Any:
+        extra_context = {**(extra_context or {}), "cdp_links": self._links()}
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    def health_view(self, request: HttpRequest) -> HttpResponse:
+        """Delivery health: counts per window, oldest pending, delays, errors, 24 h chart."""
+        self._require_view(request)
+        using = self._using(request)
+        figures = health.report(using)
+        hours = health.hourly(using)
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": "Delivery health",
+            "cdp_status": figures["status"],
+            "figures": figures,
+            "windows": [(name, figures["windows"][name]) for name, _ in health.WINDOWS],
+            "chart": mark_safe(health.hourly_svg(hours)),  # built from numbers and fixed text
+            "chart_colors": health.CHART_COLORS.items(),
+            "write_key": health.masked_write_key(),
+            "changelist_url": self._reverse("changelist"),
+        }
+        return TemplateResponse(request, "admin/django_cdp/message/health.html", context)
 
     def _using(self, request: HttpRequest) -> str:
         return self.get_queryset(request).db

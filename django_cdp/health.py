@@ -64,6 +64,10 @@ class Status:
     reasons: list[str] = field(default_factory=list)
 
     @property
+    def oldest_pending_age_text(self) -> str:
+        return _fmt_age(self.oldest_pending_age) if self.oldest_pending_age is not None else "-"
+
+    @property
     def message(self) -> str:
         if self.ok:
             return "Everything is fine: nothing has been waiting for delivery too long."
