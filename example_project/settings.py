@@ -11,6 +11,8 @@ from pathlib import Path
 
 import environ
 
+from django_cdp.tasks import BEAT_SCHEDULE as CDP_BEAT_SCHEDULE
+
 BASE_DIR = Path(__file__).resolve().parent
 
 env = environ.Env()
@@ -82,11 +84,10 @@ STATIC_URL = "/static/"
 # worker (``celery -A example_project worker``) sends the messages.
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="")
 CELERY_TASK_IGNORE_RESULT = True
-CELERY_BEAT_SCHEDULE = {
-    # The periodic sweep: delivers whatever a kick missed (broker down at commit time,
-    # retries whose backoff has passed). Run it with ``celery -A example_project beat``.
-    "django-cdp-deliver": {"task": "django_cdp.tasks.deliver", "schedule": 30.0},
-}
+# The periodic sweep (the ``django_cdp.tasks.deliver`` task every 30 s): delivers whatever a
+# kick missed (broker down at commit time, retries whose backoff has passed).
+# Run it with ``celery -A example_project beat``.
+CELERY_BEAT_SCHEDULE = {**CDP_BEAT_SCHEDULE}
 
 # --- django-cdp -------------------------------------------------------------------------------
 DJANGO_CDP = {
@@ -123,6 +124,10 @@ DJANGO_CDP = {
         },
     },
 }
+
+# SQLite can claim outbox rows for one delivery worker only; django-cdp says so with the info
+# check I001 on every command. The example knows: silence it (use PostgreSQL for several workers).
+SILENCED_SYSTEM_CHECKS = ["django_cdp.I001"]
 
 LOGGING = {
     "version": 1,
