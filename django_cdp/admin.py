@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlencode
 
 from django.apps import apps
 from django.contrib import admin, messages
@@ -425,3 +426,50 @@ class MessageAdmin(admin.ModelAdmin):
             )
         last_id = rows[0]["id"] if rows else after
         return JsonResponse({"messages": messages_out, "last_id": last_id})
+
+
+class AnalyticsEventsMixin:
+    """Add an "Analytics events" section to a registered model's admin change page.
+
+    ``class PayoutAdmin(AnalyticsEventsMixin, admin.ModelAdmin)`` lists the newest
+    messages emitted for the object (matched on the indexed ``source_model`` and
+    ``source_pk``, so it is one bounded query) with a link to the full, filtered
+    delivery log. Only users with ``django_cdp.view_message`` see it: payloads are
+    customer data. If your admin has its own ``change_form_template``, include
+    ``django_cdp/admin/object_events.html`` in it instead.
+    """
+
+    change_form_template = "django_cdp/admin/change_form_with_events.html"
+    #: How many messages the section lists; the link shows them all.
+    analytics_events_limit = 20
+
+    def change_view(
+        self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: Any = None
+    ) -> Any:
+        extra_context = {
+            **(extra_context or {}),
+            **self.analytics_events_context(request, object_id),
+        }
+        return super().change_view(request, object_id, form_url, extra_context)  # type: ignore[misc]
+
+    def analytics_events_context(self, request: HttpRequest, object_id: str) -> dict[str, Any]:
+        """The template context of the section, empty when the user may not see messages."""
+        if not request.user.has_perm("django_cdp.view_message"):
+            return {}
+        opts = self.model._meta  # type: ignore[attr-defined]
+        site_name = self.admin_site.name  # type: ignore[attr-defined]
+        label = opts.label_lower
+        rows = list(
+            Message.objects.filter(source_model=label, source_pk=str(object_id))
+            .order_by("-id")
+            .only("id", "created_at", "type", "event", "user_id", "status", "sent_at")[
+                : self.analytics_events_limit
+            ]
+        )
+        changelist = reverse(f"{site_name}:django_cdp_message_changelist")
+        query = urlencode({"source_model": label, "source_pk": object_id})
+        return {
+            "cdp_object_events": rows,
+            "cdp_object_events_url": f"{changelist}?{query}",
+            "cdp_message_changelist": changelist,
+        }
