@@ -94,7 +94,3 @@ def nobody_client(db) -> Client:
     client.force_login(_staff("nobody"))
     return client
 
-
-def pytest_configure(config: pytest.Config) -> None:
-    # Until pyproject.toml registers it (the suite runs with --strict-markers).
-    config.addinivalue_line("markers", "browser: drives headless Chromium (Debian's chromium)")
