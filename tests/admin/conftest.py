@@ -93,4 +93,3 @@ def nobody_client(db) -> Client:
     client = Client()
     client.force_login(_staff("nobody"))
     return client
-
