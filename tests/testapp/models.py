@@ -13,6 +13,9 @@ class Customer(models.Model):
     shop = models.ForeignKey(Shop, null=True, on_delete=models.CASCADE, related_name="customers")
     name = models.CharField(max_length=100)
 
+    def __str__(self) -> str:
+        return self.name
+
 
 class Order(models.Model):
     class Channel(models.IntegerChoices):
@@ -29,6 +32,9 @@ class Order(models.Model):
     extra = models.JSONField(default=dict, blank=True)
     note = models.TextField(blank=True)
 
+    def __str__(self) -> str:
+        return f"order {self.pk}"
+
     @property
     def total_with_tax(self):
         return self.total * 2
@@ -44,3 +50,6 @@ class WorkspaceProject(models.Model):
 
     class Meta:
         verbose_name = "workspace project"
+
+    def __str__(self) -> str:
+        return self.title
