@@ -539,3 +539,54 @@ def guarded(action: Callable[..., None], instance: models.Model, *args: Any) -> 
             "django-cdp could not record a change of %s; the save went through untracked",
             _describe(instance),
         )
+
+
+# --- helpers for bulk writers and tests ---------------------------------------------------------
+
+
+def message_row(
+    message: dict[str, Any],
+    *,
+    instance: models.Model | None,
+    source: tuple[type[models.Model], Any],
+) -> Message:
+    """An unsaved outbox row for ``message``, with the checks :func:`_store` applies.
+
+    For writers that insert many rows at once (``cdp_backfill_identify``): the
+    ``ENRICH_MESSAGE`` hook runs, the text is encoded once, and a message that
+    can never be sent (no userId, over ``MAX_MESSAGE_BYTES``) is marked failed
+    with its reason, so a bulk write stores exactly what a single write would.
+    """
+    message = payloads.enrich(message, instance)
+    text = payloads.encode(message)
+    status, error = Message.Status.PENDING, ""
+    size = len(text.encode())
+    if not message.get("userId"):
+        status, error = Message.Status.FAILED, "no userId"
+    elif size > cdp_settings.MAX_MESSAGE_BYTES:
+        status = Message.Status.FAILED
+        error = f"too large ({size} > {cdp_settings.MAX_MESSAGE_BYTES} bytes)"
+    return Message(
+        message_id=message["messageId"],
+        type=message["type"],
+        event=message.get("event", ""),
+        user_id=message.get("userId") or "",
+        payload=text,
+        status=status,
+        last_error=error,
+        source_model=source[0]._meta.label_lower,
+        source_pk=str(source[1]),
+    )
+
+
+def forget_transaction(using: str = "default") -> None:
+    """Forget what the writer recorded so far in the open transaction on ``using``.
+
+    Later changes in the same transaction are then recorded as if a new
+    transaction had begun: a save of an object created earlier becomes an
+    ``Updated`` instead of being folded into its ``Created``. Meant for test
+    suites, where a ``TestCase`` runs ``setUp`` and the test in one
+    transaction (``django_cdp.testing.capture_messages(new_transaction=True)``).
+    Rows already written stay; nothing is committed or rolled back.
+    """
+    connections[using].__dict__.pop(_STATE, None)

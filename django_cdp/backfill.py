@@ -1,0 +1,396 @@
+"""Backfill: identify every existing customer once, and optionally replay their history.
+
+A project that adopts django-cdp on an existing database has merchants the CDP
+has never heard of; until each is identified, every tool behind the CDP starts
+empty. :func:`backfill_identify` queues one identify per selected row of the
+identity model, built exactly as the tracking core builds it (same trait
+reading, value conversion, enrichment hook, size checks, traits digest), and
+:func:`backfill_created` queues the historical ``<Object> Created`` events of
+registered models.
+
+Why it looks the way it does:
+
+* **Flat memory.** The selection is streamed as primary keys with
+  ``.iterator(chunk_size=batch_size)`` (a server-side cursor on PostgreSQL)
+  and handled one batch at a time; nothing of a batch survives it.
+* **Few queries.** Per batch: one read of the rows (``select_related`` along
+  the trait paths), one read of the stored digests, one ``bulk_create`` of the
+  messages and one upsert of the digests, in one transaction.
+* **Restartable.** A row whose traits equal the digest last recorded for its
+  userId is skipped, and each batch commits its messages with their digests,
+  so an interrupted run is simply run again and queues only what is left.
+  Historical ``Created`` events have a messageId derived from the object
+  (``uuid5``), and a batch skips objects that already have a ``Created``
+  message in the outbox; the data plane drops duplicate messageIds too.
+* **Broken rows do not stop the run.** A row whose traits cannot be read (a
+  property that raises, a foreign key on a trait path that points nowhere) is
+  reported through ``on_error`` with its pk and skipped.
+"""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from django.core.exceptions import FieldDoesNotExist
+from django.db import models, transaction
+from django.utils import timezone
+
+from django_cdp import outbox, payloads
+from django_cdp.models import Message, TraitsDigest
+from django_cdp.registry import CREATED, ModelConfig, registry
+from django_cdp.signals import message_created
+
+#: Field names tried, in order, for the timestamp of a historical ``Created`` event.
+CREATED_FIELDS = ("created_at", "created", "date_created", "created_on", "date_joined")
+
+#: Namespace of the messageIds of historical ``Created`` events (uuid5 of model label and pk).
+CREATED_NAMESPACE = uuid.UUID("6f1c2a52-2b1e-4d57-9a3c-1f1f6c0bd7a1")
+
+ErrorHandler = Callable[[Any, str], None]
+ProgressHandler = Callable[[int], None]
+
+
+@dataclass
+class BackfillResult:
+    """Counts of one phase (``identify``, or one model's ``Created`` events)."""
+
+    phase: str
+    total: int = 0
+    #: Rows looked at so far (queued + unchanged + unsendable + errors + gone).
+    done: int = 0
+    queued: int = 0
+    #: Identify: traits equal to the last recorded digest. Created: already in the outbox.
+    unchanged: int = 0
+    #: Stored as failed because they can never be sent (no userId, too large).
+    unsendable: int = 0
+    errors: int = 0
+    #: Rows deleted between the count and their batch.
+    gone: int = 0
+    #: The first message that was (or, with ``dry_run``, would be) queued: its payload text.
+    sample: str | None = None
+
+
+# --- selection ---------------------------------------------------------------------------------
+
+
+def identity_queryset(
+    using: str,
+    *,
+    pks: Iterable[Any] | None = None,
+    since: datetime.date | datetime.datetime | None = None,
+    date_field: str | None = None,
+    filters: Iterable[tuple[str, str]] = (),
+) -> models.QuerySet:
+    """The identity rows a backfill covers: all of them, or those matching every criterion.
+
+    ``since`` needs ``date_field`` (a date or datetime field of the identity
+    model); a date given for a datetime field means midnight in the current time
+    zone. ``filters`` are ``(lookup, value)`` pairs passed to ``filter()``, so
+    ``plan__name=Growth`` works as it would in the ORM.
+    """
+    identity = registry.identity
+    if identity is None:
+        raise ValueError("DJANGO_CDP['IDENTITY'] is not configured (see manage.py check)")
+    queryset = identity.model._base_manager.using(using).all()
+    if pks is not None:
+        queryset = queryset.filter(pk__in=list(pks))
+    if since is not None:
+        if not date_field:
+            raise ValueError("since needs date_field")
+        field = identity.model._meta.get_field(date_field)
+        if not isinstance(field, models.DateField):
+            raise ValueError(f"{identity.model._meta.label}.{date_field} is not a date field")
+        queryset = queryset.filter(**{f"{date_field}__gte": _bound(since, field)})
+    for lookup, value in filters:
+        queryset = queryset.filter(**{lookup: value})
+    return queryset
+
+
+def _bound(value: datetime.date, field: models.Field) -> datetime.date:
+    if isinstance(field, models.DateTimeField) and not isinstance(value, datetime.datetime):
+        value = datetime.datetime.combine(value, datetime.time.min)
+    if isinstance(value, datetime.datetime) and timezone.is_naive(value):
+        value = timezone.make_aware(value)
+    return value
+
+
+def _batches(queryset: models.QuerySet, batch_size: int) -> Iterator[list[Any]]:
+    """Primary keys of ``queryset`` in pk order, ``batch_size`` at a time, from one cursor."""
+    stream = queryset.order_by("pk").values_list("pk", flat=True).iterator(chunk_size=batch_size)
+    batch: list[Any] = []
+    for pk in stream:
+        batch.append(pk)
+        if len(batch) >= batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _fetch(
+    model: type[models.Model], related: Iterable[str], pks: list[Any], using: str, result
+) -> tuple[dict[Any, models.Model], list[Any]]:
+    """The batch's rows by pk, and the pks whose row is there but cannot be joined."""
+    rows = {
+        obj.pk: obj
+        for obj in model._base_manager.using(using).select_related(*related).filter(pk__in=pks)
+    }
+    missing = [pk for pk in pks if pk not in rows]
+    broken: list[Any] = []
+    if missing:
+        # select_related joins non-null foreign keys with INNER JOIN: a row whose foreign key
+        # points nowhere drops out. Tell those apart from rows deleted since the count.
+        present = set(
+            model._base_manager.using(using).filter(pk__in=missing).values_list("pk", flat=True)
+        )
+        broken = [pk for pk in missing if pk in present]
+        result.gone += len(missing) - len(broken)
+        result.done += len(missing) - len(broken)
+    return rows, broken
+
+
+def _related(sources: Iterable[Any]) -> list[str]:
+    return sorted({s.path.rsplit("__", 1)[0] for s in sources if s.kind == "path"})
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _write(rows: list[Message], digests: list[TraitsDigest], using: str) -> None:
+    """One batch in one transaction: the messages, their digests, and the delivery kick."""
+    from django_cdp.delivery import request_delivery
+
+    with transaction.atomic(using=using):
+        Message.objects.using(using).bulk_create(rows)
+        if digests:
+            TraitsDigest.objects.using(using).bulk_create(
+                digests,
+                update_conflicts=True,
+                unique_fields=["user_id"],
+                update_fields=["digest", "message_id", "updated_at"],
+            )
+        if message_created.has_listeners(Message):
+            for row in rows:
+                message_created.send(sender=Message, message=row)
+        transaction.on_commit(lambda: request_delivery(using), using=using)
+
+
+# --- identifies --------------------------------------------------------------------------------
+
+
+def backfill_identify(
+    queryset: models.QuerySet,
+    *,
+    using: str,
+    batch_size: int = 500,
+    dry_run: bool = False,
+    force: bool = False,
+    total: int | None = None,
+    on_error: ErrorHandler | None = None,
+    on_progress: ProgressHandler | None = None,
+) -> BackfillResult:
+    """Queue one identify per row of ``queryset`` (identity rows) whose traits changed.
+
+    ``force`` queues even rows whose traits equal the recorded digest;
+    ``dry_run`` computes everything and writes nothing. ``total`` is what
+    ``on_progress(done)`` counts towards (the caller's ``COUNT(*)``).
+    """
+    identity = registry.identity
+    config = registry.get(identity.model)
+    related = _related(identity.traits)
+    result = BackfillResult("identify", total=total or 0)
+    for pks in _batches(queryset, batch_size):
+        rows_by_pk, broken = _fetch(identity.model, related, pks, using, result)
+        for pk in broken:
+            _error(result, on_error, pk, "a foreign key on a trait path points to a missing row")
+        read: list[tuple[models.Model, str | None, dict[str, Any], str]] = []
+        for pk in pks:
+            obj = rows_by_pk.get(pk)
+            if obj is None:
+                continue
+            try:
+                user_id = outbox.resolve_owner(obj, config, using)[1]
+                traits = payloads.read_sources(obj, identity.traits)
+                read.append((obj, user_id, traits, payloads.traits_digest(traits)))
+            except Exception as exc:
+                _error(result, on_error, pk, _describe(exc))
+        user_ids = [user_id for _, user_id, _, _ in read if user_id]
+        stored = dict(
+            TraitsDigest.objects.using(using)
+            .filter(user_id__in=user_ids)
+            .values_list("user_id", "digest")
+        )
+        rows: list[Message] = []
+        digests: dict[str, TraitsDigest] = {}
+        now = timezone.now()
+        for obj, user_id, traits, digest in read:
+            if not force and user_id and stored.get(user_id) == digest:
+                result.unchanged += 1
+                result.done += 1
+                continue
+            try:
+                row = outbox.message_row(
+                    payloads.identify_message(user_id, traits),
+                    instance=obj,
+                    source=(identity.model, obj.pk),
+                )
+            except Exception as exc:  # the ENRICH_MESSAGE hook, or a value it added
+                _error(result, on_error, obj.pk, _describe(exc))
+                continue
+            rows.append(row)
+            result.done += 1
+            if row.status == Message.Status.PENDING:
+                result.queued += 1
+                digests[row.user_id] = TraitsDigest(
+                    user_id=row.user_id, digest=digest, message_id=row.message_id, updated_at=now
+                )
+            else:
+                result.unsendable += 1
+                _error(result, on_error, obj.pk, f"stored as failed: {row.last_error}", count=False)
+            if result.sample is None:
+                result.sample = row.payload
+        del read
+        if rows and not dry_run:
+            _write(rows, list(digests.values()), using)
+        del rows, digests
+        if on_progress is not None:
+            on_progress(result.done)
+    return result
+
+
+def _error(
+    result: BackfillResult, on_error: ErrorHandler | None, pk: Any, text: str, *, count=True
+) -> None:
+    if count:
+        result.errors += 1
+        result.done += 1
+    if on_error is not None:
+        on_error(pk, text)
+
+
+# --- historical Created events -----------------------------------------------------------------
+
+
+def created_field(model: type[models.Model], preferred: str | None = None) -> str | None:
+    """The date or datetime field holding when an object was created, or None.
+
+    ``preferred`` (``--date-field``) wins when the model has it; otherwise the
+    first of :data:`CREATED_FIELDS` that is a date field.
+    """
+    for name in ([preferred] if preferred else []) + list(CREATED_FIELDS):
+        try:
+            field = model._meta.get_field(name)
+        except FieldDoesNotExist:
+            continue
+        if isinstance(field, models.DateField) and field.concrete:
+            return name
+    return None
+
+
+def created_configs() -> list[ModelConfig]:
+    """Registered models that emit ``Created`` events, in settings order."""
+    return [c for c in registry if CREATED in c.events]
+
+
+def created_message_id(config: ModelConfig, pk: Any) -> str:
+    """The fixed messageId of an object's historical ``Created`` event."""
+    return str(uuid.uuid5(CREATED_NAMESPACE, f"{config.model._meta.label_lower}:{pk}"))
+
+
+def created_queryset(
+    config: ModelConfig, identities: models.QuerySet | None, using: str
+) -> models.QuerySet:
+    """The objects of ``config``'s model owned by ``identities`` (all when None)."""
+    queryset = config.model._base_manager.using(using).all()
+    if identities is None:
+        return queryset
+    owners = identities.values("pk")
+    if config.is_identity:
+        return queryset.filter(pk__in=owners)
+    return queryset.filter(**{f"{config.owner_path}__in": owners})
+
+
+def _when(value: Any) -> datetime.datetime | None:
+    if value is None or isinstance(value, datetime.datetime):
+        return value
+    return datetime.datetime.combine(value, datetime.time.min)
+
+
+def backfill_created(
+    config: ModelConfig,
+    queryset: models.QuerySet,
+    *,
+    timestamp_field: str,
+    using: str,
+    batch_size: int = 500,
+    dry_run: bool = False,
+    total: int | None = None,
+    on_error: ErrorHandler | None = None,
+    on_progress: ProgressHandler | None = None,
+) -> BackfillResult:
+    """Queue the ``Created`` event of every object in ``queryset`` not already in the outbox.
+
+    Each event carries the object's current mapped properties (its state at
+    creation is not recorded anywhere) and ``originalTimestamp`` from
+    ``timestamp_field``. An object whose ``timestamp_field`` is empty is
+    reported as an error: an event dated today would misplace history.
+    """
+    event = config.event_name(CREATED)
+    label = config.model._meta.label_lower
+    related = _related(config.properties)
+    result = BackfillResult(event, total=total or 0)
+    for pks in _batches(queryset, batch_size):
+        rows_by_pk, broken = _fetch(config.model, related, pks, using, result)
+        for pk in broken:
+            _error(result, on_error, pk, "a foreign key on a property path points to a missing row")
+        queued = set(
+            Message.objects.using(using)
+            .filter(source_model=label, source_pk__in=[str(pk) for pk in rows_by_pk], event=event)
+            .values_list("source_pk", flat=True)
+        )
+        rows: list[Message] = []
+        for pk in pks:
+            obj = rows_by_pk.get(pk)
+            if obj is None:
+                continue
+            if str(pk) in queued:
+                result.unchanged += 1
+                result.done += 1
+                continue
+            try:
+                when = _when(getattr(obj, timestamp_field))
+                if when is None:
+                    raise ValueError(f"{timestamp_field} is empty")
+                owner = outbox.resolve_owner(obj, config, using)
+                message = payloads.track_message(
+                    event,
+                    owner[1] if owner else None,
+                    payloads.properties_of(obj, config),
+                    integrations=config.integrations,
+                    when=when,
+                )
+                message["messageId"] = created_message_id(config, pk)
+                row = outbox.message_row(message, instance=obj, source=(config.model, pk))
+            except Exception as exc:
+                _error(result, on_error, pk, _describe(exc))
+                continue
+            rows.append(row)
+            result.done += 1
+            if row.status == Message.Status.PENDING:
+                result.queued += 1
+            else:
+                result.unsendable += 1
+                _error(result, on_error, pk, f"stored as failed: {row.last_error}", count=False)
+            if result.sample is None:
+                result.sample = row.payload
+        if rows and not dry_run:
+            _write(rows, [], using)
+        del rows
+        if on_progress is not None:
+            on_progress(result.done)
+    return result
