@@ -52,6 +52,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "LEASE_SECONDS": (int, float),
     "DELIVERY_TIME_BUDGET": (int, float),
     "KICK_DEBOUNCE_SECONDS": (int, float),
+    "RETENTION_DAYS": (int,),
 }
 
 

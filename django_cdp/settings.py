@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "LEASE_SECONDS": 60,
     "DELIVERY_TIME_BUDGET": 50.0,
     "KICK_DEBOUNCE_SECONDS": 1.0,
+    "RETENTION_DAYS": 30,  # days sent/skipped messages are kept (tasks.purge, cdp_purge)
 }
 
 

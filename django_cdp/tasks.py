@@ -22,7 +22,15 @@ which is::
             "schedule": 30.0,
             "options": {"expires": 25.0},
         },
+        "django-cdp-purge": {
+            "task": "django_cdp.tasks.purge",
+            "schedule": 86400.0,
+            "options": {"expires": 3600.0},
+        },
     }
+
+``purge`` deletes sent and skipped messages older than ``RETENTION_DAYS`` once
+a day (see :mod:`django_cdp.retention`).
 """
 
 from __future__ import annotations
@@ -36,6 +44,9 @@ from django_cdp.settings import cdp_settings
 #: Seconds between sweeps.
 SWEEP_INTERVAL = 30.0
 
+#: Seconds between retention purges.
+PURGE_INTERVAL = 24 * 3600.0
+
 #: Ready-made beat entry for the sweep. ``expires`` drops sweeps that queue up
 #: while no worker runs; the next one does the same work.
 BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
@@ -43,6 +54,11 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "task": "django_cdp.tasks.deliver",
         "schedule": SWEEP_INTERVAL,
         "options": {"expires": SWEEP_INTERVAL - 5},
+    },
+    "django-cdp-purge": {
+        "task": "django_cdp.tasks.purge",
+        "schedule": PURGE_INTERVAL,
+        "options": {"expires": 3600.0},
     },
 }
 
@@ -67,3 +83,22 @@ def deliver(using: str = "default") -> dict[str, int]:
     from django_cdp.delivery import drain
 
     return drain(using=using, time_budget=float(cdp_settings.DELIVERY_TIME_BUDGET)).as_dict()
+
+
+@shared_task(name="django_cdp.tasks.purge", base=DeliverTask, ignore_result=True)
+def purge(using: str = "default") -> dict[str, int]:
+    """Delete sent and skipped messages older than ``RETENTION_DAYS`` (0 keeps them forever).
+
+    The outbox doubles as the delivery log and grows by every message; this
+    keeps it to the window the admin needs. Pending, failed and blocked
+    messages are never deleted by age.
+    """
+    import datetime
+
+    from django_cdp.retention import purge as purge_messages
+
+    days = int(cdp_settings.RETENTION_DAYS)
+    if days <= 0:
+        return {"deleted": 0, "batches": 0}
+    result = purge_messages(datetime.timedelta(days=days), using=using)
+    return {"deleted": result.deleted, "batches": result.batches}
