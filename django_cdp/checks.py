@@ -5,7 +5,8 @@ Ids are stable (users silence them by id):
 - ``E001`` unknown top-level key or wrong type; ``E002`` identity missing or unknown;
   ``E003`` unknown model label; ``E004`` broken trait path; ``E005`` broken property path;
   ``E006`` owner missing or not reaching the identity model; ``E007`` unknown event kind;
-  ``E008`` unknown per-model key.
+  ``E008`` unknown per-model key; ``E009`` broken ``EVENTS`` entry or unknown ``VALIDATION``
+  mode.
 - ``W001`` no write key or data plane URL: messages wait as pending.
 - ``I001`` the outbox database cannot ``SKIP LOCKED``: run a single delivery worker.
 
@@ -19,6 +20,7 @@ from typing import Any
 from django.core import checks
 from django.db import connections
 
+from django_cdp import dictionary
 from django_cdp.registry import registry
 from django_cdp.settings import SETTING_NAME, cdp_settings
 
@@ -58,3 +60,4 @@ def check_delivery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
 def register() -> None:
     checks.register(check_settings, "django_cdp")
     checks.register(check_delivery, "django_cdp")
+    checks.register(dictionary.check_plan, "django_cdp")

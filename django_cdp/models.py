@@ -72,6 +72,12 @@ class Message(models.Model):
         blank=True,
         help_text="Primary key of the changed object (for an identify, the owner).",
     )
+    violations = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Tracking-plan violations found when the message was written "
+        "(RudderStack's names: Unplanned-Event, Required-Missing, ...); empty when it conforms.",
+    )
 
     class Meta:
         verbose_name = "message"

@@ -26,7 +26,7 @@ from django.db import DatabaseError, connections, models, transaction
 from django.db.models import Subquery
 from django.utils import timezone
 
-from django_cdp import payloads
+from django_cdp import payloads, validation
 from django_cdp.models import Message, TraitsDigest
 from django_cdp.registry import CREATED, DELETED, UPDATED, ModelConfig, registry
 from django_cdp.settings import cdp_settings
@@ -130,6 +130,7 @@ def _store(
 ) -> Message:
     """Insert one message row, failed at once when it can never be sent."""
     message = payloads.enrich(message, instance)
+    verdict = validation.validate(message)  # raises TrackingPlanViolation in "raise" mode
     text = payloads.encode(message)
     status, error = Message.Status.PENDING, ""
     size = len(text.encode())
@@ -147,6 +148,8 @@ def _store(
             source[1],
             error,
         )
+    elif verdict.blocked:
+        status, error = Message.Status.BLOCKED, verdict.summary
     row = Message(
         message_id=message["messageId"],
         type=message["type"],
@@ -157,6 +160,7 @@ def _store(
         last_error=error,
         source_model=source[0]._meta.label_lower,
         source_pk=str(source[1]),
+        violations=verdict.violations,
     )
     row.save(using=tx.using, force_insert=True)
     tx.wrote = True
@@ -169,8 +173,11 @@ def _rewrite(tx: _Transaction, entry: _Entry, message: dict[str, Any], instance)
     """Replace the payload of a row written earlier in this transaction (same messageId)."""
     message["messageId"] = entry.message_id
     message = payloads.enrich(message, instance)
+    verdict = validation.validate(message)
     Message.objects.using(tx.using).filter(pk=entry.row_id).update(
-        payload=payloads.encode(message), event=message.get("event", "")
+        payload=payloads.encode(message),
+        event=message.get("event", ""),
+        **validation.rewrite_fields(verdict),
     )
 
 
@@ -532,7 +539,7 @@ def guarded(action: Callable[..., None], instance: models.Model, *args: Any) -> 
     """
     try:
         action(instance, *args)
-    except DatabaseError:
+    except (DatabaseError, validation.TrackingPlanViolation):
         raise
     except Exception:
         logger.exception(

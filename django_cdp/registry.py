@@ -53,6 +53,10 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "DELIVERY_TIME_BUDGET": (int, float),
     "KICK_DEBOUNCE_SECONDS": (int, float),
     "RETENTION_DAYS": (int,),
+    "EVENTS": (dict,),
+    "VALIDATION": (str,),
+    "LOGIN": (dict,),
+    "FRONTEND": (dict,),
 }
 
 

@@ -52,6 +52,15 @@ DEFAULTS: dict[str, Any] = {
     "DELIVERY_TIME_BUDGET": 50.0,
     "KICK_DEBOUNCE_SECONDS": 1.0,
     "RETENTION_DAYS": 30,  # days sent/skipped messages are kept (tasks.purge, cdp_purge)
+    # Manual events of the tracking plan: name -> {"description", "properties": {...}}.
+    "EVENTS": {},
+    # Tracking-plan validation when a message is written: "flag", "raise", "block" or "off".
+    "VALIDATION": "flag",
+    # Identify on login: {"owner": "<field path from the user>" | "dotted.path.to.function",
+    # "track_sign_in": False}; {} switches it off.
+    "LOGIN": {},
+    # The browser source ({% cdp_snippet %}): WRITE_KEY, DATA_PLANE_URL, SDK, SDK_URL, TRAITS.
+    "FRONTEND": {},
 }
 
 

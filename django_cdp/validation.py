@@ -1,0 +1,258 @@
+"""Tracking-plan validation of every message when it is written to the outbox.
+
+A tracking plan is only worth something if what is sent follows it. Every
+message is checked against the event dictionary (:mod:`django_cdp.dictionary`)
+with ``jsonschema`` in the outbox writer, before its row is built, and the
+``VALIDATION`` setting says what a violation does:
+
+``flag`` (default)
+    Store and send; record the violations on the row (``Message.violations``,
+    filterable in the admin) and log a warning. Nothing is lost while a plan is
+    being tightened.
+``raise``
+    Raise :class:`TrackingPlanViolation` where the message is emitted, nothing
+    stored. For a project's own test suite: a typo in an event name or a
+    property of the wrong type fails the test that emits it.
+``block``
+    Store the message as ``blocked`` with its violations: never sent, never
+    silently dropped (Segment Protocols' blocked events are gone for good;
+    here they stay inspectable and can be requeued once the plan is fixed).
+``off``
+    No validation at all.
+
+Violations use RudderStack's names (``Unplanned-Event``, ``Required-Missing``,
+``Datatype-Mismatch``, ``Additional-Properties``, and ``Unknown-Violation``
+for the rest) and its shape (``type``, ``message``, ``meta.instancePath``,
+``meta.schemaPath``), plus ``property``, so tools that read one read the other.
+
+Validators are compiled once per registry load (when ``DJANGO_CDP`` changes),
+never per message.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.db.models import Case, F, Value, When
+from jsonschema import Draft7Validator
+
+from django_cdp.dictionary import get_dictionary
+from django_cdp.models import Message
+from django_cdp.registry import registry
+from django_cdp.settings import cdp_settings
+
+logger = logging.getLogger("django_cdp")
+
+UNPLANNED_EVENT = "Unplanned-Event"
+REQUIRED_MISSING = "Required-Missing"
+DATATYPE_MISMATCH = "Datatype-Mismatch"
+ADDITIONAL_PROPERTIES = "Additional-Properties"
+UNKNOWN_VIOLATION = "Unknown-Violation"
+
+_BY_KEYWORD = {
+    "required": REQUIRED_MISSING,
+    "type": DATATYPE_MISMATCH,
+    "format": DATATYPE_MISMATCH,
+    "additionalProperties": ADDITIONAL_PROPERTIES,
+}
+
+
+class TrackingPlanViolation(Exception):
+    """A message does not follow the tracking plan (``VALIDATION = "raise"``)."""
+
+    def __init__(self, message: dict[str, Any], violations: list[dict[str, Any]]) -> None:
+        self.message = message
+        self.violations = violations
+        name = message.get("event") or message.get("type", "message")
+        details = "; ".join(f"{v['type']}: {v['message']}" for v in violations)
+        super().__init__(f"{name!r} violates the tracking plan: {details}")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of validating one message, for the writer to act on."""
+
+    violations: list[dict[str, Any]] = field(default_factory=list)
+    #: True when the message must be stored as ``blocked`` (``VALIDATION = "block"``).
+    blocked: bool = False
+
+    @property
+    def summary(self) -> str:
+        """One line for ``Message.last_error`` of a blocked message."""
+        return "blocked by the tracking plan: " + "; ".join(
+            f"{v['type']}: {v['message']}" for v in self.violations
+        )
+
+
+CONFORMS = Verdict()
+
+
+# --- compiled validators -------------------------------------------------------------------------
+
+
+@dataclass
+class _Compiled:
+    identify: Draft7Validator
+    events: dict[str, Draft7Validator]
+
+
+_cache: tuple[Any, _Compiled] | None = None
+
+
+def _compile(schema: dict[str, Any], member: str) -> Draft7Validator:
+    # Only the constrained member is validated (the envelope is django-cdp's own); paths are
+    # prefixed with the member again when violations are reported.
+    return Draft7Validator(
+        schema["properties"][member], format_checker=Draft7Validator.FORMAT_CHECKER
+    )
+
+
+def _compiled() -> _Compiled:
+    global _cache
+    parsed = registry._get()  # re-parsed whenever DJANGO_CDP changes: the cache key
+    if _cache is None or _cache[0] is not parsed:
+        d = get_dictionary()
+        _cache = (
+            parsed,
+            _Compiled(
+                identify=_compile(d.identify_schema(), "traits"),
+                events={name: _compile(e.schema(), "properties") for name, e in d.events.items()},
+            ),
+        )
+    return _cache[1]
+
+
+# --- checking ------------------------------------------------------------------------------------
+
+
+def _violation(kind: str, prop: str, text: str, instance_path: str, schema_path: str) -> dict:
+    return {
+        "type": kind,
+        "property": prop,
+        "message": text,
+        "meta": {"instancePath": instance_path, "schemaPath": schema_path},
+    }
+
+
+def _errors(validator: Draft7Validator, member: str, value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, dict):
+        return [
+            _violation(DATATYPE_MISMATCH, "", f"{member} must be an object", f"/{member}", "#/type")
+        ]
+    out = []
+    for error in validator.iter_errors(value):
+        path = "/" + "/".join([member, *(str(p) for p in error.absolute_path)])
+        schema_path = "#/properties/" + "/".join(
+            [member, *(str(p) for p in error.absolute_schema_path)]
+        )
+        kind = _BY_KEYWORD.get(error.validator, UNKNOWN_VIOLATION)
+        if kind == REQUIRED_MISSING:
+            missing = [p for p in error.validator_value if p not in error.instance]
+            for prop in missing:
+                out.append(
+                    _violation(kind, prop, f"{prop!r} is a required property", path, schema_path)
+                )
+        elif kind == ADDITIONAL_PROPERTIES:
+            known = error.schema.get("properties", {})
+            for prop in [p for p in error.instance if p not in known]:
+                out.append(
+                    _violation(
+                        kind,
+                        prop,
+                        f"{prop!r} is not in the tracking plan",
+                        f"{path}/{prop}",
+                        schema_path,
+                    )
+                )
+        else:
+            prop = str(error.absolute_path[0]) if error.absolute_path else ""
+            out.append(_violation(kind, prop, error.message, path, schema_path))
+    # jsonschema reports a missing property once per "required" error, and one error may name
+    # several: keep one violation per (type, path, property).
+    unique = {(v["type"], v["meta"]["instancePath"], v["property"]): v for v in out}
+    return list(unique.values())
+
+
+def violations_of(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tracking-plan violations of one message (empty when it conforms).
+
+    Public so that code writing messages outside the outbox writer (a backfill's
+    ``bulk_create``) can validate them the same way.
+    """
+    compiled = _compiled()
+    if message.get("type") == "identify":
+        return _errors(compiled.identify, "traits", message.get("traits"))
+    event = message.get("event", "")
+    validator = compiled.events.get(event)
+    if validator is None:
+        return [
+            _violation(
+                UNPLANNED_EVENT,
+                "",
+                f"event {event!r} is not in the tracking plan",
+                "/event",
+                "#",
+            )
+        ]
+    return _errors(validator, "properties", message.get("properties"))
+
+
+def validate(message: dict[str, Any]) -> Verdict:
+    """Validate a message as the outbox writer is about to store it, per ``VALIDATION``.
+
+    Returns :data:`CONFORMS` when it follows the plan (or validation is off);
+    raises :class:`TrackingPlanViolation` in ``raise`` mode; otherwise logs a
+    warning and returns the violations, ``blocked`` in ``block`` mode.
+    """
+    mode = cdp_settings.VALIDATION
+    if mode == "off":
+        return CONFORMS
+    violations = violations_of(message)
+    if not violations:
+        return CONFORMS
+    if mode == "raise":
+        raise TrackingPlanViolation(message, violations)
+    blocked = mode == "block"
+    logger.warning(
+        "django-cdp: %s message %s (%s) violates the tracking plan%s: %s",
+        message.get("type"),
+        message.get("messageId"),
+        message.get("event") or message.get("userId"),
+        " and is blocked" if blocked else "",
+        "; ".join(f"{v['type']}: {v['message']}" for v in violations),
+    )
+    return Verdict(violations, blocked)
+
+
+def rewrite_fields(verdict: Verdict) -> dict[str, Any]:
+    """Column updates for a row whose payload is rewritten (coalescing in one transaction).
+
+    The final payload is what is sent, so its verdict replaces the first one:
+    in ``block`` mode a pending row becomes blocked, and a blocked row whose
+    final payload conforms becomes pending again. A failed row stays failed.
+    """
+    fields: dict[str, Any] = {"violations": verdict.violations}
+    if cdp_settings.VALIDATION != "block":
+        return fields
+    pending, blocked = Message.Status.PENDING, Message.Status.BLOCKED
+    status = Message._meta.get_field("status")
+    last_error = Message._meta.get_field("last_error")
+    if verdict.blocked:
+        fields["status"] = Case(
+            When(status=pending, then=Value(blocked)), default=F("status"), output_field=status
+        )
+        fields["last_error"] = Case(
+            When(status__in=[pending, blocked], then=Value(verdict.summary)),
+            default=F("last_error"),
+            output_field=last_error,
+        )
+    else:
+        fields["status"] = Case(
+            When(status=blocked, then=Value(pending)), default=F("status"), output_field=status
+        )
+        fields["last_error"] = Case(
+            When(status=blocked, then=Value("")), default=F("last_error"), output_field=last_error
+        )
+    return fields
