@@ -315,7 +315,7 @@ def run_latency(
                 time.sleep(delay)
             with transaction.atomic():
                 payout = Payout.objects.create(
-                    shop=shops[i % len(shops)], amount="10.00", currency="EUR"
+                    shop=shops[i % len(shops)], amount=Decimal("10.00"), currency="EUR"
                 )
             committed[payout.pk] = time.time()
         deadline = time.monotonic() + 60

@@ -522,18 +522,23 @@ def request_delivery(using: str = "default") -> None:
     unreachable, because the messages are safe in the outbox and the periodic
     sweep delivers them. Does nothing unless ``DELIVERY == "celery"``.
     """
+    now = time.monotonic()
+    debounce = 1.0
     try:
         if cdp_settings.DELIVERY != "celery":
             return
-        countdown = _next_kick(using, time.monotonic(), float(cdp_settings.KICK_DEBOUNCE_SECONDS))
+        debounce = float(cdp_settings.KICK_DEBOUNCE_SECONDS)
+        countdown = _next_kick(using, now, debounce)
         if countdown is None:
             return
         from django_cdp.tasks import deliver
 
         _publish(deliver, using, countdown)
     except Exception as exc:
+        # At most one attempt per debounce period while the broker is unreachable,
+        # so that a broker that drops packets (1 s timeout) cannot slow every request.
         with _kick_lock:
-            _kick_state.pop(using, None)  # let the next commit try again
+            _kick_state[using] = (now + debounce, now + debounce)
         logger.warning(
             "django-cdp: could not ask a worker to deliver (%s: %s); the periodic sweep "
             "will deliver the messages",

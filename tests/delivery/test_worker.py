@@ -13,6 +13,7 @@ import logging
 import re
 import signal
 import time
+from decimal import Decimal
 
 import pytest
 from django.db import transaction
@@ -187,7 +188,7 @@ def test_redis_down_while_saving(
         started = time.monotonic()
         with caplog.at_level(logging.WARNING, "django_cdp.delivery"), transaction.atomic():
             # The tracking core writes the message and kicks delivery after the commit.
-            Payout.objects.create(shop=shop, amount="12.50", currency="EUR")
+            Payout.objects.create(shop=shop, amount=Decimal("12.50"), currency="EUR")
         elapsed = time.monotonic() - started
     finally:
         start_redis()
