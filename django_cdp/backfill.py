@@ -65,7 +65,7 @@ class BackfillResult:
     queued: int = 0
     #: Identify: traits equal to the last recorded digest. Created: already in the outbox.
     unchanged: int = 0
-    #: Stored as failed because they can never be sent (no userId, too large).
+    #: Stored but never sent: failed (no userId, too large) or blocked by validation.
     unsendable: int = 0
     errors: int = 0
     #: Rows deleted between the count and their batch.
@@ -251,7 +251,13 @@ def backfill_identify(
                 )
             else:
                 result.unsendable += 1
-                _error(result, on_error, obj.pk, f"stored as failed: {row.last_error}", count=False)
+                _error(
+                    result,
+                    on_error,
+                    obj.pk,
+                    f"stored as {row.status}: {row.last_error}",
+                    count=False,
+                )
             if result.sample is None:
                 result.sample = row.payload
         del read
@@ -385,7 +391,9 @@ def backfill_created(
                 result.queued += 1
             else:
                 result.unsendable += 1
-                _error(result, on_error, pk, f"stored as failed: {row.last_error}", count=False)
+                _error(
+                    result, on_error, pk, f"stored as {row.status}: {row.last_error}", count=False
+                )
             if result.sample is None:
                 result.sample = row.payload
         if rows and not dry_run:

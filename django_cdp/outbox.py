@@ -560,11 +560,13 @@ def message_row(
     """An unsaved outbox row for ``message``, with the checks :func:`_store` applies.
 
     For writers that insert many rows at once (``cdp_backfill_identify``): the
-    ``ENRICH_MESSAGE`` hook runs, the text is encoded once, and a message that
-    can never be sent (no userId, over ``MAX_MESSAGE_BYTES``) is marked failed
-    with its reason, so a bulk write stores exactly what a single write would.
+    ``ENRICH_MESSAGE`` hook runs, the message is validated against the tracking
+    plan, the text is encoded once, and a message that can never be sent (no
+    userId, over ``MAX_MESSAGE_BYTES``) is marked failed with its reason (a
+    blocked violation, blocked), so a bulk write stores what a single write would.
     """
     message = payloads.enrich(message, instance)
+    verdict = validation.validate(message)  # raises TrackingPlanViolation in "raise" mode
     text = payloads.encode(message)
     status, error = Message.Status.PENDING, ""
     size = len(text.encode())
@@ -573,6 +575,8 @@ def message_row(
     elif size > cdp_settings.MAX_MESSAGE_BYTES:
         status = Message.Status.FAILED
         error = f"too large ({size} > {cdp_settings.MAX_MESSAGE_BYTES} bytes)"
+    elif verdict.blocked:
+        status, error = Message.Status.BLOCKED, verdict.summary
     return Message(
         message_id=message["messageId"],
         type=message["type"],
@@ -583,6 +587,7 @@ def message_row(
         last_error=error,
         source_model=source[0]._meta.label_lower,
         source_pk=str(source[1]),
+        violations=verdict.violations,
     )
 
 

@@ -512,3 +512,30 @@ def backfill_module_tracking_off():
 def test_plan_fixture_is_untracked(plans):
     assert Plan.objects.count() == 2
     assert not Message.objects.exists()
+
+
+def test_backfilled_identifies_are_validated_like_single_writes(backfill, legacy_shops):
+    """VALIDATION = "block": a trait outside the plan is stored blocked, its digest unwritten."""
+    legacy_shops(2)
+    settings = {
+        **DJANGO_CDP,
+        "VALIDATION": "block",
+        "ENRICH_MESSAGE": "tests.validation.hooks.nickname_trait",
+    }
+    out = io.StringIO()
+    with override_settings(DJANGO_CDP=settings), pytest.raises(CommandError):
+        backfill(stdout=out)
+    rows = list(Message.objects.all())
+    assert {r.status for r in rows} == {"blocked"}
+    assert rows[0].violations[0]["type"] == "Additional-Properties"
+    assert not TraitsDigest.objects.exists()
+    assert "2 stored as failed or blocked" in out.getvalue()
+
+
+def test_backfilled_identifies_are_flagged_in_flag_mode(backfill, legacy_shops):
+    legacy_shops(1)
+    settings = {**DJANGO_CDP, "ENRICH_MESSAGE": "tests.validation.hooks.nickname_trait"}
+    with override_settings(DJANGO_CDP=settings):
+        backfill()
+    (row,) = Message.objects.all()
+    assert row.status == "pending" and row.violations

@@ -260,7 +260,7 @@ class Command(BaseCommand):
                 f"{r.errors} error(s)"
             )
             if r.unsendable:
-                line += f", {r.unsendable} stored as failed (not sendable)"
+                line += f", {r.unsendable} stored as failed or blocked (not sendable)"
             if r.gone:
                 line += f", {r.gone} deleted during the run"
             self.stdout.write(line)
