@@ -9,7 +9,8 @@ class DjangoCdpConfig(AppConfig):
     def ready(self) -> None:
         # Registering checks and wiring receivers never raises on a bad DJANGO_CDP
         # dict: broken entries are skipped here and reported by ``manage.py check``.
-        from django_cdp import checks, receivers
+        from django_cdp import checks, login, receivers
 
         checks.register()
         receivers.connect()
+        login.connect()

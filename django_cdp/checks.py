@@ -6,7 +6,7 @@ Ids are stable (users silence them by id):
   ``E003`` unknown model label; ``E004`` broken trait path; ``E005`` broken property path;
   ``E006`` owner missing or not reaching the identity model; ``E007`` unknown event kind;
   ``E008`` unknown per-model key; ``E009`` broken ``EVENTS`` entry or unknown ``VALIDATION``
-  mode.
+  mode; ``E010`` broken ``LOGIN`` (unknown key, owner path or function not found).
 - ``W001`` no write key or data plane URL: messages wait as pending.
 - ``I001`` the outbox database cannot ``SKIP LOCKED``: run a single delivery worker.
 
@@ -20,7 +20,7 @@ from typing import Any
 from django.core import checks
 from django.db import connections
 
-from django_cdp import dictionary
+from django_cdp import dictionary, login
 from django_cdp.registry import registry
 from django_cdp.settings import SETTING_NAME, cdp_settings
 
@@ -61,3 +61,4 @@ def register() -> None:
     checks.register(check_settings, "django_cdp")
     checks.register(check_delivery, "django_cdp")
     checks.register(dictionary.check_plan, "django_cdp")
+    checks.register(login.check_login, "django_cdp")

@@ -53,3 +53,13 @@ class WorkspaceProject(models.Model):
 
     def __str__(self) -> str:
         return self.title
+
+
+class Member(models.Model):
+    """A user working for a shop: the login identify finds the shop through it."""
+
+    user = models.OneToOneField("auth.User", on_delete=models.CASCADE, related_name="member")
+    shop = models.ForeignKey(Shop, null=True, on_delete=models.CASCADE, related_name="members")
+
+    def __str__(self) -> str:
+        return f"{self.user_id} of {self.shop_id}"
