@@ -6,7 +6,8 @@ Ids are stable (users silence them by id):
   ``E003`` unknown model label; ``E004`` broken trait path; ``E005`` broken property path;
   ``E006`` owner missing or not reaching the identity model; ``E007`` unknown event kind;
   ``E008`` unknown per-model key; ``E009`` broken ``EVENTS`` entry or unknown ``VALIDATION``
-  mode; ``E010`` broken ``LOGIN`` (unknown key, owner path or function not found).
+  mode; ``E010`` broken ``LOGIN`` (unknown key, owner path or function not found);
+  ``E011`` broken ``FRONTEND`` (unknown key or SDK, missing ``SDK_URL``, unknown trait).
 - ``W001`` no write key or data plane URL: messages wait as pending.
 - ``I001`` the outbox database cannot ``SKIP LOCKED``: run a single delivery worker.
 
@@ -20,7 +21,7 @@ from typing import Any
 from django.core import checks
 from django.db import connections
 
-from django_cdp import dictionary, login
+from django_cdp import dictionary, frontend, login
 from django_cdp.registry import registry
 from django_cdp.settings import SETTING_NAME, cdp_settings
 
@@ -62,3 +63,4 @@ def register() -> None:
     checks.register(check_delivery, "django_cdp")
     checks.register(dictionary.check_plan, "django_cdp")
     checks.register(login.check_login, "django_cdp")
+    checks.register(frontend.check_frontend, "django_cdp")
