@@ -1,0 +1,1 @@
+"""Benchmarks of django-cdp (run each module as a script from the repository root)."""

@@ -1,0 +1,415 @@
+"""Save-path cost of tracking a ``payouts.Payout`` create and update (issue 2's acceptance).
+
+Run from the repository root (PostgreSQL answering on 127.0.0.1:5432)::
+
+    .venv/bin/python benchmarks/save_path.py            # full run, about 3 minutes
+    .venv/bin/python benchmarks/save_path.py --quick    # short run, about 30 seconds
+
+It creates and migrates its own database (``cdp_bench_save_path``, dropped at the
+end) with ``benchmarks.settings``: the example project's models and the test
+suite's ``DJANGO_CDP`` tracking plan, plus ``auditlog``. Variants, all on the same
+``Payout`` table, in one process, in shuffled interleaved blocks:
+
+* **untracked**: django-cdp switched off with ``tracking_disabled()`` (its
+  receivers stay connected and return at once). The baseline of every ratio.
+* **plain Django**: django-cdp's receivers disconnected (no receiver at all), to
+  show what the switched-off receivers cost.
+* **django-cdp**: the Payout tracked with the example plan (properties amount,
+  currency, status; owner shop; re-identify the shop).
+* **auditlog**: ``auditlog.register(Payout)`` for the blocks of this variant only
+  (unregistered afterwards); django-cdp switched off.
+* **SDK track()**: a hand-written ``post_save`` receiver calling
+  ``rudderstack.analytics.Client.track()`` on every save, with ``send=False`` (the
+  message is built, validated and sized, then dropped before the queue: no
+  thread, no socket); django-cdp switched off.
+
+Each is measured inside ``transaction.atomic()`` (one op per atomic block, the
+commit included) and in autocommit. An update changes ``amount`` each time
+(alternating two values) so every tracked variant emits a message. The shop's
+traits never change, so django-cdp's re-identify after each Payout change reads
+them, finds the recorded digest equal and writes nothing (one SELECT).
+
+Statements per op are counted apart from the timed loop with
+``CaptureQueriesContext`` (cursor statements); transactions opened and committed
+explicitly (``BEGIN``/``COMMIT`` round trips, which that context does not see) are
+counted separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import random
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import _common
+
+DATABASE = "cdp_bench_save_path"
+AMOUNTS = (Decimal("120.00"), Decimal("245.50"))
+POOL = 50  # rows the updates cycle through
+VARIANTS = ("untracked", "plain Django", "django-cdp", "auditlog", "SDK track()")
+OPS = ("create", "update")
+MODES = ("atomic", "autocommit")
+BASELINE = "untracked"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="a short run (300 ops per cell)")
+    parser.add_argument("--ops", type=int, help="timed ops per cell (default 3000, quick 300)")
+    parser.add_argument("--block", type=int, help="ops per interleaved block (default 20)")
+    parser.add_argument("--seed", type=int, default=20240602)
+    args = parser.parse_args(argv)
+    ops = args.ops or (300 if args.quick else 3000)
+    block = args.block or 20
+    _common.setup_django(DATABASE)
+    with _common.bench_database():
+        Bench(ops, block, args.seed).run()
+    return 0
+
+
+class Bench:
+    def __init__(self, ops: int, block: int, seed: int) -> None:
+        from django.db import connections
+        from rudderstack.analytics import Client
+
+        from example_project.payouts.models import Payout
+        from example_project.shops.models import Plan, Shop
+
+        self.ops, self.block, self.seed = ops, block, seed
+        self.connection = connections["default"]
+        self.Payout = Payout
+        self.sdk = Client(write_key="benchmark", host="http://127.0.0.1:9", send=False)
+        self.sdk_calls = 0
+        self.done: Counter[tuple[str, str]] = Counter()  # (variant, op) -> ops run
+        plan = Plan.objects.create(name="Pro", monthly_price=Decimal("29.00"))
+        # Tracked: records the shop's identify and traits digest, so that the Payout
+        # changes' re-identify finds the traits unchanged and skips.
+        from django.db import transaction
+
+        with transaction.atomic():
+            self.shop = Shop.objects.create(domain="bench.example", email="a@b.c", plan=plan)
+        from django_cdp import tracking_disabled
+
+        with tracking_disabled():
+            self.pool = [
+                Payout.objects.create(shop=self.shop, amount=AMOUNTS[0], currency="EUR")
+                for _ in range(POOL)
+            ]
+        self.cursor = Counter()  # per op kind: position in the pool / amount toggle
+
+    # --- variants --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def variant(self, name: str) -> Iterator[None]:
+        from auditlog.registry import auditlog
+        from django.db.models.signals import post_save
+
+        from django_cdp import receivers, tracking_disabled
+
+        if name == "django-cdp":
+            yield
+        elif name == "untracked":
+            with tracking_disabled():
+                yield
+        elif name == "plain Django":
+            receivers.disconnect()
+            try:
+                yield
+            finally:
+                receivers.connect()
+        elif name == "auditlog":
+            auditlog.register(self.Payout)
+            try:
+                with tracking_disabled():
+                    yield
+            finally:
+                auditlog.unregister(self.Payout)
+        elif name == "SDK track()":
+            post_save.connect(self._sdk_receiver, sender=self.Payout, dispatch_uid="bench-sdk")
+            try:
+                with tracking_disabled():
+                    yield
+            finally:
+                post_save.disconnect(sender=self.Payout, dispatch_uid="bench-sdk")
+        else:
+            raise ValueError(name)
+
+    def _sdk_receiver(self, sender, instance, created, **kwargs) -> None:
+        """What teams write today: send a track from ``post_save`` on every save."""
+        self.sdk_calls += 1
+        self.sdk.track(
+            user_id=str(instance.shop_id),
+            event="Payout Created" if created else "Payout Updated",
+            properties={
+                "id": instance.pk,
+                "amount": instance.amount,
+                "currency": instance.currency,
+                "status": instance.status,
+            },
+        )
+
+    # --- operations ------------------------------------------------------------------------
+
+    def operation(self, op: str, mode: str) -> Callable[[int], object]:
+        from django.db import transaction
+
+        Payout, shop, pool = self.Payout, self.shop, self.pool
+
+        def create(i: int) -> None:
+            Payout.objects.create(shop=shop, amount=AMOUNTS[i % 2], currency="EUR", status="paid")
+
+        def update(i: int) -> None:
+            payout = pool[i % POOL]
+            payout.amount = AMOUNTS[1] if payout.amount == AMOUNTS[0] else AMOUNTS[0]
+            payout.save()
+
+        func = create if op == "create" else update
+        if mode == "autocommit":
+            return func
+
+        def atomic(i: int) -> None:
+            with transaction.atomic():
+                func(i)
+
+        return atomic
+
+    def run_ops(self, variant: str, op: str, mode: str, n: int, timed: bool) -> list[float]:
+        func = self.operation(op, mode)
+        start = self.cursor[op]
+        self.cursor[op] += n
+        with self.variant(variant):
+            if timed:
+                out = _common.timed_block(func, n, start)
+            else:
+                for i in range(start, start + n):
+                    func(i)
+                out = []
+        self.done[variant, op] += n
+        return out
+
+    # --- SQL per op ------------------------------------------------------------------------
+
+    def count_sql(self, variant: str, op: str, mode: str, k: int = 4) -> tuple[float, float, str]:
+        """(statements per op, explicit transactions per op, the SQL of one op).
+
+        ``CaptureQueriesContext`` lists cursor statements and, since Django 4.2, the
+        ``BEGIN`` and ``COMMIT`` of explicit transactions: they are counted apart.
+        """
+        from django.test.utils import CaptureQueriesContext
+
+        self.run_ops(variant, op, mode, 1, timed=False)  # warm caches (content types...)
+        with CaptureQueriesContext(self.connection) as captured:
+            self.run_ops(variant, op, mode, k, timed=False)
+        sql = [q["sql"] for q in captured.captured_queries]
+        commits = sql.count("COMMIT")
+        statements = len(sql) - commits - sql.count("BEGIN")
+        with CaptureQueriesContext(self.connection) as one:
+            self.run_ops(variant, op, mode, 1, timed=False)
+        text = "\n".join(_short(q["sql"]) for q in one.captured_queries)
+        return statements / k, commits / k, text
+
+    # --- the run ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        cells = [(v, o, m) for m in MODES for o in OPS for v in VARIANTS]
+        print(f"# django-cdp save path: {self.ops} timed ops per cell, blocks of {self.block}")
+        print(f"# {_common.machine()}")
+        print(
+            f"# git {_common.git_revision()}, {datetime.datetime.now():%Y-%m-%d %H:%M}, "
+            f"load average {_common.load_average()} at start\n"
+        )
+
+        sql = {cell: self.count_sql(*cell) for cell in cells}
+
+        rng = random.Random(self.seed)
+        warm = list(cells)
+        rng.shuffle(warm)
+        for cell in warm:
+            self.run_ops(*cell, 50, timed=False)
+
+        blocks = [cell for cell in cells for _ in range(max(1, self.ops // self.block))]
+        rng.shuffle(blocks)
+        samples: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+        started = time.monotonic()
+        for cell in blocks:
+            samples[cell] += self.run_ops(*cell, self.block, timed=True)
+        elapsed = time.monotonic() - started
+
+        self.report(cells, samples, sql, elapsed)
+        self.breakdown(max(100, self.ops // 10))
+        self.sanity_check()
+        print(f"# load average {_common.load_average()} at the end")
+
+    def breakdown(self, n: int) -> None:
+        """Where django-cdp's time goes: its recording steps timed one by one (median µs).
+
+        The steps are wrapped by replacing the module attributes of
+        ``django_cdp.outbox`` for this pass only (the receivers and the writer look
+        them up at call time); the wrappers add about 1 µs each.
+        """
+        from django_cdp import outbox
+
+        wanted = ("before_save", "after_save", "reidentify", "_read_traits", "_store")
+        steps = tuple(name for name in wanted if hasattr(outbox, name))  # the core may evolve
+        originals = {name: getattr(outbox, name) for name in steps}
+        times: dict[tuple[str, ...], list[float]] = defaultdict(list)
+        clock = time.perf_counter_ns
+        cell: list[str] = []  # the (op, mode) being measured
+
+        def wrap(name: str, func: Callable) -> Callable:
+            def timed(*args, **kwargs):
+                t0 = clock()
+                try:
+                    return func(*args, **kwargs)
+                finally:
+                    times[(*cell, name)].append((clock() - t0) / 1000)
+
+            return timed
+
+        rows = []
+        try:
+            for name, func in originals.items():
+                setattr(outbox, name, wrap(name, func))
+            for mode in MODES:
+                for op in OPS:
+                    cell[:] = [op, mode]
+                    self.run_ops("django-cdp", op, mode, n, timed=False)
+                    medians = [times.get((op, mode, step)) for step in steps]
+                    rows.append(
+                        [f"{op}, {mode}"]
+                        + [f"{_common.median(m):.0f}" if m else "-" for m in medians]
+                    )
+        finally:
+            for name, func in originals.items():
+                setattr(outbox, name, func)
+        print(f"## django-cdp: median µs per step ({n} ops each, not interleaved)\n")
+        print(
+            "before_save = pre_save (SELECT of the tracked columns on update); after_save = "
+            "post_save, including reidentify (_read_traits + digest compare) and _store "
+            "(build + INSERT of the message row)\n"
+        )
+        print(_common.table(["op, mode", *steps], rows))
+        print()
+
+    def report(self, cells, samples, sql, elapsed: float) -> None:
+        med = {cell: _common.median(samples[cell]) for cell in cells}
+        for mode in MODES:
+            rows = []
+            for variant in VARIANTS:
+                row = [variant]
+                for op in OPS:
+                    base = med[BASELINE, op, mode]
+                    value = med[variant, op, mode]
+                    statements, commits = sql[variant, op, mode][:2]
+                    base_statements, base_commits = sql[BASELINE, op, mode][:2]
+                    extra = _extra(statements - base_statements, commits - base_commits)
+                    row += [
+                        f"{value:.0f}",
+                        f"{value - base:+.0f}",
+                        f"{value / base:.2f}x",
+                        extra,
+                    ]
+                rows.append(row)
+            title = (
+                "inside atomic() (one op per atomic block, commit included)"
+                if mode == "atomic"
+                else "autocommit (no enclosing transaction)"
+            )
+            print(f"## {title}: median µs per op\n")
+            headers = ["variant"]
+            for op in OPS:
+                headers += [f"{op} µs", "Δ µs", "ratio", "extra SQL"]
+            print(_common.table(headers, rows))
+            print()
+
+        print("## spread: p10 / p50 / p90 µs per cell\n")
+        rows = []
+        for variant in VARIANTS:
+            row = [variant]
+            for mode in MODES:
+                for op in OPS:
+                    data = sorted(samples[variant, op, mode])
+                    p = [data[int(q * (len(data) - 1))] for q in (0.1, 0.5, 0.9)]
+                    row.append(" / ".join(f"{x:.0f}" for x in p))
+            rows.append(row)
+        headers = ["variant"] + [f"{op} ({mode})" for mode in MODES for op in OPS]
+        print(_common.table(headers, rows))
+        print()
+
+        print("## statements per op (cursor statements; BEGIN/COMMIT of explicit transactions)\n")
+        for variant in ("untracked", "django-cdp", "auditlog", "SDK track()"):
+            for mode in MODES:
+                for op in OPS:
+                    statements, commits, text = sql[variant, op, mode]
+                    print(
+                        f"### {variant}, {op}, {mode}: {statements:g} statements, "
+                        f"{commits:g} explicit commits"
+                    )
+                    print("    " + text.replace("\n", "\n    "))
+            print()
+        n = sum(len(v) for v in samples.values())
+        print(f"# {n} timed ops in {elapsed:.0f} s; block order shuffled (seed {self.seed})")
+        print(
+            "# SDK track(): rudderstack.analytics.Client(send=False, host=http://127.0.0.1:9): "
+            "builds and sizes the message, never queues or sends"
+        )
+
+    def sanity_check(self) -> None:
+        """Every tracked variant really emitted one message per op; nothing else did."""
+        from auditlog.models import LogEntry
+
+        from django_cdp.models import Message
+
+        events = Counter(
+            Message.objects.filter(type="track").values_list("event", flat=True).iterator()
+        )
+        identifies = Message.objects.filter(type="identify").count()
+        expected = {
+            "Payout Created": self.done["django-cdp", "create"],
+            "Payout Updated": self.done["django-cdp", "update"],
+            "Shop Created": 1,
+        }
+        audit = LogEntry.objects.count()
+        audit_expected = self.done["auditlog", "create"] + self.done["auditlog", "update"]
+        sdk_expected = self.done["SDK track()", "create"] + self.done["SDK track()", "update"]
+        problems = []
+        if dict(events) != expected:
+            problems.append(f"django-cdp tracks {dict(events)} != expected {expected}")
+        if identifies != 1:
+            problems.append(f"{identifies} identifies (expected 1: the shop's, then skipped)")
+        if audit != audit_expected:
+            problems.append(f"{audit} auditlog entries != {audit_expected}")
+        if self.sdk_calls != sdk_expected:
+            problems.append(f"{self.sdk_calls} SDK track() calls != {sdk_expected}")
+        print(
+            f"# check: django-cdp wrote {events['Payout Created']} Payout Created, "
+            f"{events['Payout Updated']} Payout Updated, {identifies} identify; "
+            f"auditlog {audit} entries; SDK {self.sdk_calls} track() calls: "
+            + ("OK" if not problems else "MISMATCH")
+        )
+        if problems:
+            raise SystemExit("; ".join(problems))
+
+
+def _extra(statements: float, commits: float) -> str:
+    text = f"{statements:+g}"
+    if commits:
+        text += f" (+{commits:g} BEGIN/COMMIT)"
+    return text
+
+
+def _short(sql: str, limit: int = 160) -> str:
+    return sql if len(sql) <= limit else sql[: limit - 3] + "..."
+
+
+if __name__ == "__main__":
+    sys.exit(main())
