@@ -237,6 +237,7 @@ def drop_secondary_indexes() -> list[str]:
         "django_cdp_message_pkey",
         "django_cdp_message_message_id_key",
         "django_cdp_message_due",
+        "django_cdp_message_source",
     }
     with connection.cursor() as cursor:
         cursor.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'django_cdp_message'")
