@@ -1,0 +1,148 @@
+"""The event dictionary in the admin: every planned event with its 7-day count and last seen.
+
+Kept out of ``django_cdp/admin.py`` (the delivery log) so the two evolve
+separately. It offers two things the delivery log can take in with one line
+each, and that work on their own until then:
+
+* :class:`FlaggedFilter`, a list filter for messages with tracking-plan
+  violations (``list_filter = (..., FlaggedFilter)``);
+* :func:`get_urls`, the dictionary page's URL patterns wrapped in an admin
+  site's ``admin_view`` (``*admin_dictionary.get_urls(self.admin_site)`` in
+  ``MessageAdmin.get_urls``). Without that, a project mounts the page itself::
+
+      path("admin/django_cdp/", include("django_cdp.admin_dictionary")),  # .../dictionary/
+      path("admin/", admin.site.urls),
+
+The page costs one grouped query over the last 7 days (an index range on
+``created_at``) plus one query per event not seen in that window, for its
+last-seen date.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.contrib import admin
+from django.core.exceptions import PermissionDenied
+from django.db.models import Count, Max, Q, QuerySet
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path
+from django.utils import timezone
+
+from django_cdp.dictionary import get_dictionary
+from django_cdp.models import Message
+
+WINDOW = timedelta(days=7)
+IDENTIFY = "(identify)"
+
+
+class FlaggedFilter(admin.SimpleListFilter):
+    """Messages that broke the tracking plan (``VALIDATION = "flag"`` or ``"block"``)."""
+
+    title = "tracking plan"
+    parameter_name = "flagged"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list:
+        return [("yes", "With violations"), ("no", "Conforming")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value() == "yes":
+            return queryset.exclude(violations=[])
+        if self.value() == "no":
+            return queryset.filter(violations=[])
+        return queryset
+
+
+def event_activity(using: str = "default") -> dict[str, dict[str, Any]]:
+    """Per event name (identifies under :data:`IDENTIFY`): 7-day count, flagged and last seen."""
+    since = timezone.now() - WINDOW
+    rows = (
+        Message.objects.using(using)
+        .filter(created_at__gte=since)
+        .values("type", "event")
+        .annotate(
+            count=Count("id"),
+            flagged=Count("id", filter=~Q(violations=[])),
+            last_seen=Max("created_at"),
+        )
+        .order_by()
+    )
+    activity: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        name = IDENTIFY if row["type"] == Message.Type.IDENTIFY else row["event"]
+        entry = activity.setdefault(name, {"count": 0, "flagged": 0, "last_seen": None})
+        entry["count"] += row["count"]
+        entry["flagged"] += row["flagged"]
+        if entry["last_seen"] is None or row["last_seen"] > entry["last_seen"]:
+            entry["last_seen"] = row["last_seen"]
+    return activity
+
+
+def _last_seen_before(name: str, using: str) -> Any:
+    queryset = Message.objects.using(using)
+    if name == IDENTIFY:
+        queryset = queryset.filter(type=Message.Type.IDENTIFY)
+    else:
+        queryset = queryset.filter(type=Message.Type.TRACK, event=name)
+    return queryset.aggregate(last=Max("created_at"))["last"]
+
+
+def dictionary_view(
+    request: HttpRequest, admin_site: admin.AdminSite | None = None
+) -> HttpResponse:
+    """The dictionary page: needs the permission to view messages."""
+    if not request.user.has_perm("django_cdp.view_message"):
+        raise PermissionDenied
+    site = admin_site or admin.site
+    d = get_dictionary()
+    activity = event_activity()
+    rows = []
+    for name, spec, trigger, source in [
+        (IDENTIFY, None, "identify", d.identity_model),
+        *(
+            (n, d.events[n], d.events[n].trigger, d.events[n].source_model)
+            for n in sorted(d.events)
+        ),
+    ]:
+        seen = activity.pop(name, None)
+        last_seen = seen["last_seen"] if seen else _last_seen_before(name, "default")
+        rows.append(
+            {
+                "name": "Identify" if name == IDENTIFY else name,
+                "trigger": trigger,
+                "source_model": source,
+                "description": spec.description if spec else "",
+                "properties": spec.properties if spec else d.traits,
+                "count": seen["count"] if seen else 0,
+                "flagged": seen["flagged"] if seen else 0,
+                "last_seen": last_seen,
+            }
+        )
+    unplanned = [
+        {"name": name, **entry} for name, entry in sorted(activity.items()) if name != IDENTIFY
+    ]
+    context = {
+        **site.each_context(request),
+        "title": "Event dictionary",
+        "opts": Message._meta,
+        "rows": rows,
+        "unplanned": unplanned,
+        "window_days": WINDOW.days,
+    }
+    return TemplateResponse(request, "django_cdp/dictionary/admin_page.html", context)
+
+
+def get_urls(admin_site: admin.AdminSite | None = None) -> list[URLPattern]:
+    """The dictionary page's URL, behind ``admin_site``'s login and staff check."""
+    site = admin_site or admin.site
+
+    def view(request: HttpRequest) -> HttpResponse:
+        return dictionary_view(request, site)
+
+    return [path("dictionary/", site.admin_view(view), name="django_cdp_dictionary")]
+
+
+#: For ``include("django_cdp.admin_dictionary")`` from a project's URLconf.
+urlpatterns = get_urls()
