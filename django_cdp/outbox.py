@@ -242,10 +242,8 @@ def before_save(
     if entry is not None:
         instance.__dict__[_BEFORE] = entry.reference
         return
-    row = (
-        config.model._base_manager.using(using).filter(pk=instance.pk).values_list(*columns).first()
-    )
-    if row is not None:
+    rows = config.model._base_manager.using(using).filter(pk=instance.pk).values_list(*columns)
+    for row in rows[:1]:  # no ORDER BY: a primary-key lookup
         instance.__dict__[_BEFORE] = dict(zip(columns, row, strict=True))
 
 
@@ -302,6 +300,17 @@ def _track(
     )
 
 
+def _reidentifies(config: ModelConfig) -> bool:
+    """Whether a change of this model re-identifies its owner.
+
+    Only when the change can alter the owner's traits (``can_change_traits``): a
+    Payout save cannot change a shop's columns, so reading them back would only
+    find the recorded digest equal; that saves a query per change. With
+    ``SEND_UNCHANGED_IDENTIFY`` every change sends an identify, so it always reads.
+    """
+    return config.identify and (config.can_change_traits or cdp_settings.SEND_UNCHANGED_IDENTIFY)
+
+
 def after_save(instance: models.Model, config: ModelConfig, created: bool, using: str) -> None:
     """Record a create or update (``post_save``), coalescing within the transaction."""
     before = instance.__dict__.pop(_BEFORE, None)
@@ -339,7 +348,7 @@ def after_save(instance: models.Model, config: ModelConfig, created: bool, using
                 row = _store(tx, message, instance=instance, source=_source(instance))
                 reference = _snapshot(instance, config) if action == CREATED else before
                 tx.changes[key] = _Entry(row.pk, action, tx.marker(), row.message_id, reference)
-        if owner is not None and (config.is_identity or (write and config.identify)):
+        if owner is not None and (config.is_identity or (write and _reidentifies(config))):
             reidentify(tx, owner, instance=instance if config.is_identity else None)
 
 
@@ -371,7 +380,7 @@ def before_delete(instance: models.Model, config: ModelConfig, using: str) -> No
                 instance=instance,
                 source=_source(instance),
             )
-            if config.identify and not config.is_identity and owner is not None:
+            if _reidentifies(config) and not config.is_identity and owner is not None:
                 instance.__dict__[_OWNER] = owner
 
 

@@ -26,3 +26,7 @@ class Shop(models.Model):
 
     def __str__(self) -> str:
         return self.domain
+
+    def payout_count(self) -> int:
+        """How many payouts the shop has had (usable as a computed trait)."""
+        return self.payouts.count()

@@ -615,3 +615,35 @@ def test_messages_are_written_on_the_alias_of_the_change(plan):
     assert Outbox("other").events() == ["Shop Created"]
     assert len(Outbox("other").identifies()) == 1
     assert Outbox("default").rows() == []
+
+
+def test_a_trait_computed_by_a_method_is_read_after_a_child_change(outbox, plan, settings):
+    settings.DJANGO_CDP = {
+        **settings.DJANGO_CDP,
+        "IDENTITY": {
+            "model": "shops.Shop",
+            "traits": {"domain": "domain", "payouts": "payout_count"},
+        },
+    }
+    shop = Shop.objects.create(domain="p.example", email="p@p.example", plan=plan)
+    Payout.objects.create(shop=shop, amount=Decimal("1.00"), currency="EUR")
+    assert [i["traits"]["payouts"] for i in outbox.identifies()] == [0, 1]
+
+
+def test_only_models_a_trait_path_runs_through_can_change_traits():
+    from django_cdp.registry import _can_change_traits, registry
+
+    identity = registry.identity  # traits include plan__name
+    assert registry.get(Payout).can_change_traits is False
+    assert registry.get(Shop).can_change_traits is True
+    assert _can_change_traits(Plan, identity) is True
+    assert _can_change_traits(Payout, identity) is False
+
+
+def test_traits_changed_behind_the_orm_are_sent_at_the_owners_next_save(outbox, shop):
+    Shop.objects.filter(pk=shop.pk).update(email="sync@acme.example")
+    Payout.objects.create(shop=shop, amount=Decimal("1.00"), currency="EUR")
+    assert outbox.identifies() == []
+    shop.refresh_from_db()
+    shop.save()
+    assert outbox.identifies()[0]["traits"]["email"] == "sync@acme.example"
