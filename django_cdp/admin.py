@@ -32,7 +32,7 @@ from django.utils.functional import cached_property
 from django.utils.html import format_html
 from django.utils.safestring import mark_safe
 
-from django_cdp import health
+from django_cdp import admin_dictionary, health
 from django_cdp.models import Message
 from django_cdp.registry import registry
 
@@ -135,7 +135,14 @@ class MessageAdmin(admin.ModelAdmin):
         "sent_at",
     )
     list_display_links = ("created_at", "event")
-    list_filter = ("status", "type", EventNameFilter, SourceModelFilter, CreatedFilter)
+    list_filter = (
+        "status",
+        "type",
+        EventNameFilter,
+        SourceModelFilter,
+        CreatedFilter,
+        admin_dictionary.FlaggedFilter,
+    )
     search_fields = ("user_id", "message_id", "event")
     search_help_text = "Exact userId, messageId or event name."
     ordering = ("-id",)
@@ -316,6 +323,7 @@ class MessageAdmin(admin.ModelAdmin):
             path("health/", wrap(self.health_view), name=self._url_name("health")),
             path("live/", wrap(self.live_view), name=self._url_name("live")),
             path("live/data/", wrap(self.live_data_view), name=self._url_name("live_data")),
+            *admin_dictionary.get_urls(self.admin_site),
             *super().get_urls(),
         ]
 
@@ -329,6 +337,7 @@ class MessageAdmin(admin.ModelAdmin):
         return [
             ("Live events", self._reverse("live")),
             ("Delivery health", self._reverse("health")),
+            ("Event dictionary", reverse(f"{self.admin_site.name}:django_cdp_dictionary")),
         ]
 
     def _require_view(self, request: HttpRequest) -> None:

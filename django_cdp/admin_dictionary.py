@@ -1,17 +1,9 @@
 """The event dictionary in the admin: every planned event with its 7-day count and last seen.
 
-Kept out of ``django_cdp/admin.py`` (the delivery log) so the two evolve
-separately. It offers two things the delivery log can take in with one line
-each, and that work on their own until then:
-
-* :class:`FlaggedFilter`, a list filter for messages with tracking-plan
-  violations (``list_filter = (..., FlaggedFilter)``);
-* :func:`get_urls`, the dictionary page's URL patterns wrapped in an admin
-  site's ``admin_view`` (``*admin_dictionary.get_urls(self.admin_site)`` in
-  ``MessageAdmin.get_urls``). Without that, a project mounts the page itself::
-
-      path("admin/django_cdp/", include("django_cdp.admin_dictionary")),  # .../dictionary/
-      path("admin/", admin.site.urls),
+Kept out of ``django_cdp/admin.py`` (the delivery log), which takes in the two
+pieces: :class:`FlaggedFilter`, a list filter for messages with tracking-plan
+violations, and :func:`get_urls`, the dictionary page's URL wrapped in the admin
+site's ``admin_view`` (``/admin/django_cdp/message/dictionary/``).
 
 The page costs one grouped query over the last 7 days (an index range on
 ``created_at``) plus one query per event not seen in that window, for its
@@ -142,7 +134,3 @@ def get_urls(admin_site: admin.AdminSite | None = None) -> list[URLPattern]:
         return dictionary_view(request, site)
 
     return [path("dictionary/", site.admin_view(view), name="django_cdp_dictionary")]
-
-
-#: For ``include("django_cdp.admin_dictionary")`` from a project's URLconf.
-urlpatterns = get_urls()

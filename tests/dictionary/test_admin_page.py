@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
-import pytest
 from django.contrib.auth.models import Permission, User
 from django.test import Client
 from django.utils import timezone
@@ -13,8 +12,6 @@ from django.utils import timezone
 import django_cdp
 from django_cdp.models import Message
 from example_project.payouts.models import Payout
-
-pytestmark = pytest.mark.urls("tests.dictionary.urls")
 
 
 def client_for(*perms: str) -> Client:
@@ -50,7 +47,7 @@ def test_every_event_with_its_7_day_count_and_last_seen(outbox, shop):
     )
     django_cdp.track(shop, "Not In The Plan")
 
-    html = client_for("view_message").get("/admin/django_cdp/dictionary/").content.decode()
+    html = client_for("view_message").get("/admin/django_cdp/message/dictionary/").content.decode()
 
     created = row(html, "Payout Created")
     assert cell(created, "count") == "2"  # the third is older than 7 days
@@ -69,24 +66,26 @@ def test_every_event_with_its_7_day_count_and_last_seen(outbox, shop):
 def test_the_flagged_column_counts_violations(outbox, shop):
     Payout.objects.create(shop=shop, amount=1, currency="EUR")
     django_cdp.track(shop, "Shop Deleted", {"id": "not an integer"})
-    html = client_for("view_message").get("/admin/django_cdp/dictionary/").content.decode()
+    html = client_for("view_message").get("/admin/django_cdp/message/dictionary/").content.decode()
     assert cell(row(html, "Payout Created"), "flagged") == "0"
     assert cell(row(html, "Shop Deleted"), "flagged") == "1"
 
 
 def test_permissions(db):
-    assert Client().get("/admin/django_cdp/dictionary/").status_code == 302  # to the login page
-    assert client_for().get("/admin/django_cdp/dictionary/").status_code == 403
+    assert (
+        Client().get("/admin/django_cdp/message/dictionary/").status_code == 302
+    )  # to the login page
+    assert client_for().get("/admin/django_cdp/message/dictionary/").status_code == 403
 
 
 def test_inside_message_admin_with_the_flagged_filter(outbox, shop):
     good = Payout.objects.create(shop=shop, amount=1, currency="EUR")
     bad = django_cdp.track(shop, "Customer Chargd")
     client = client_for("view_message")
-    assert client.get("/plan-admin/django_cdp/message/dictionary/").status_code == 200
-    flagged = client.get("/plan-admin/django_cdp/message/?flagged=yes").context["cl"].result_list
+    assert client.get("/admin/django_cdp/message/dictionary/").status_code == 200
+    flagged = client.get("/admin/django_cdp/message/?flagged=yes").context["cl"].result_list
     assert [m.pk for m in flagged] == [bad.pk]
-    conforming = client.get("/plan-admin/django_cdp/message/?flagged=no").context["cl"].result_list
+    conforming = client.get("/admin/django_cdp/message/?flagged=no").context["cl"].result_list
     assert bad.pk not in [m.pk for m in conforming]
     assert good.pk  # its Created row conforms
     assert Message.objects.filter(event="Payout Created").exclude(violations=[]).count() == 0
