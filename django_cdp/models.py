@@ -38,19 +38,16 @@ class Message(models.Model):
     message_id = models.CharField(
         "messageId",
         max_length=64,
-        unique=True,
         help_text="Fixed when the row is written and reused on every retry, so the data plane "
         "can drop duplicates.",
     )
     type = models.CharField(max_length=16, choices=Type.choices)
-    event = models.CharField(max_length=200, blank=True, db_index=True)
-    user_id = models.CharField("userId", max_length=255, blank=True, db_index=True)
+    event = models.CharField(max_length=200, blank=True)
+    user_id = models.CharField("userId", max_length=255, blank=True)
     payload = models.TextField(
         help_text="The message exactly as it is sent (compact JSON); delivery only adds sentAt."
     )
-    status = models.CharField(
-        max_length=10, choices=Status.choices, default=Status.PENDING, db_index=True
-    )
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
     attempts = models.PositiveIntegerField(default=0)
     next_attempt_at = models.DateTimeField(
         default=timezone.now,
@@ -83,6 +80,12 @@ class Message(models.Model):
         verbose_name = "message"
         verbose_name_plural = "messages"
         ordering = ["-id"]
+        # Every index is paid for twice per message (delivery updates each row at claim and
+        # at outcome), so there are only these, each for a query that needs it, and no
+        # LIKE-pattern twins (no `unique=True` / `db_index=True` on text columns).
+        constraints = [
+            models.UniqueConstraint(fields=["message_id"], name="django_cdp_message_message_id"),
+        ]
         indexes = [
             # The claim query: pending rows whose next_attempt_at has passed, in that order.
             # Partial, so it holds only unfinished rows however many sent rows pile up.
@@ -91,6 +94,15 @@ class Message(models.Model):
                 condition=Q(status="pending"),
                 name="django_cdp_message_due",
             ),
+            # Dead letters and blocked messages, newest first in the delivery log: few rows.
+            models.Index(
+                fields=["-id"],
+                condition=Q(status__in=["failed", "blocked"]),
+                name="django_cdp_message_attention",
+            ),
+            # Exact-match search and per-user erasure.
+            models.Index(fields=["user_id", "id"], name="django_cdp_message_user_id"),
+            models.Index(fields=["event", "id"], name="django_cdp_message_event"),
             models.Index(fields=["source_model", "source_pk"], name="django_cdp_message_source"),
         ]
 
