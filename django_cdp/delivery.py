@@ -57,27 +57,9 @@ logger = logging.getLogger("django_cdp.delivery")
 
 PENDING = Message.Status.PENDING
 
-# Keys that ``django_cdp.settings.DEFAULTS`` does not declare yet (asked of the
-# maintainers of that module). Until it does, they are read from the user's
-# ``DJANGO_CDP`` dict with these defaults; afterwards through ``cdp_settings``.
-_PROPOSED_DEFAULTS: dict[str, Any] = {
-    # First retry delay; each further attempt waits 3x longer (capped), +-25 % jitter.
-    "RETRY_BACKOFF_BASE": 10.0,
-    # Cap of one retry delay. 10 attempts then span about 21 hours.
-    "RETRY_BACKOFF_MAX": 12 * 3600.0,
-    # Delay after 401/403/404 (a configuration error); at most a minute.
-    "CONFIG_ERROR_RETRY_SECONDS": 30.0,
-}
 BACKOFF_FACTOR = 3.0
 BACKOFF_JITTER = 0.25
 MAX_CONFIG_ERROR_RETRY_SECONDS = 60.0
-
-
-def _setting(name: str) -> Any:
-    try:
-        return getattr(cdp_settings, name)
-    except AttributeError:
-        return cdp_settings.user_settings.get(name, _PROPOSED_DEFAULTS[name])
 
 
 def backoff_seconds(attempts: int, retry_after: float | None = None) -> float:
@@ -88,8 +70,8 @@ def backoff_seconds(attempts: int, retry_after: float | None = None) -> float:
     than a ``Retry-After`` the data plane asked for (itself capped, so a bogus
     header cannot park a message for weeks).
     """
-    base = float(_setting("RETRY_BACKOFF_BASE"))
-    cap = float(_setting("RETRY_BACKOFF_MAX"))
+    base = float(cdp_settings.RETRY_BACKOFF_BASE)
+    cap = float(cdp_settings.RETRY_BACKOFF_MAX)
     delay = min(cap, base * BACKOFF_FACTOR ** max(0, attempts - 1))
     delay *= random.uniform(1 - BACKOFF_JITTER, 1 + BACKOFF_JITTER)
     if retry_after is not None:
@@ -99,7 +81,7 @@ def backoff_seconds(attempts: int, retry_after: float | None = None) -> float:
 
 def config_error_delay() -> float:
     """Delay after 401/403/404: short, so that a fixed key or URL takes effect quickly."""
-    return min(MAX_CONFIG_ERROR_RETRY_SECONDS, float(_setting("CONFIG_ERROR_RETRY_SECONDS")))
+    return min(MAX_CONFIG_ERROR_RETRY_SECONDS, float(cdp_settings.CONFIG_ERROR_RETRY_SECONDS))
 
 
 @dataclass

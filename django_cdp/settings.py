@@ -50,7 +50,13 @@ DEFAULTS: dict[str, Any] = {
     "READ_TIMEOUT": 15.0,
     "LEASE_SECONDS": 60,
     "DELIVERY_TIME_BUDGET": 50.0,
-    "KICK_DEBOUNCE_SECONDS": 1.0,
+    # At most one kick per this many seconds per process and database (the sweep covers the rest).
+    "KICK_DEBOUNCE_SECONDS": 0.25,
+    # Retry backoff: the first delay, tripled per attempt (with jitter) up to the cap.
+    "RETRY_BACKOFF_BASE": 10.0,
+    "RETRY_BACKOFF_MAX": 12 * 3600.0,
+    # Pause after 401/403/404 (a wrong key or URL), capped at a minute so a fix resumes at once.
+    "CONFIG_ERROR_RETRY_SECONDS": 30.0,
     "RETENTION_DAYS": 30,  # days sent/skipped messages are kept (tasks.purge, cdp_purge)
     # Manual events of the tracking plan: name -> {"description", "properties": {...}}.
     "EVENTS": {},

@@ -10,13 +10,11 @@ import sys
 
 from django.db import connections
 
-from django_cdp.delivery import _PROPOSED_DEFAULTS as PROPOSED
 from tests.delivery.conftest import REPO, cdp_config, make_messages, statuses, wait_until
 
 
 def _command(data_plane, *args: str) -> subprocess.Popen:
-    # Only declared settings: the command runs the system checks (E001 on unknown keys).
-    config = {k: v for k, v in cdp_config(data_plane).items() if k not in PROPOSED}
+    config = cdp_config(data_plane)
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
