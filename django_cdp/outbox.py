@@ -129,39 +129,16 @@ def _store(
     source: tuple[type[models.Model], Any],
 ) -> Message:
     """Insert one message row, failed at once when it can never be sent."""
-    message = payloads.enrich(message, instance)
-    verdict = validation.validate(message)  # raises TrackingPlanViolation in "raise" mode
-    text = payloads.encode(message)
-    status, error = Message.Status.PENDING, ""
-    size = len(text.encode())
-    if not message.get("userId"):
-        status, error = Message.Status.FAILED, "no userId"
-    elif size > cdp_settings.MAX_MESSAGE_BYTES:
-        status = Message.Status.FAILED
-        error = f"too large ({size} > {cdp_settings.MAX_MESSAGE_BYTES} bytes)"
-    if status == Message.Status.FAILED:
+    row = message_row(message, instance=instance, source=source)
+    if row.status == Message.Status.FAILED:
         logger.error(
             "django-cdp: %s message %s for %s pk=%r is not sendable: %s",
-            message["type"],
-            message["messageId"],
+            row.type,
+            row.message_id,
             source[0]._meta.label,
             source[1],
-            error,
+            row.last_error,
         )
-    elif verdict.blocked:
-        status, error = Message.Status.BLOCKED, verdict.summary
-    row = Message(
-        message_id=message["messageId"],
-        type=message["type"],
-        event=message.get("event", ""),
-        user_id=message.get("userId") or "",
-        payload=text,
-        status=status,
-        last_error=error,
-        source_model=source[0]._meta.label_lower,
-        source_pk=str(source[1]),
-        violations=verdict.violations,
-    )
     row.save(using=tx.using, force_insert=True)
     tx.wrote = True
     if message_created.has_listeners(Message):
@@ -566,13 +543,13 @@ def message_row(
     instance: models.Model | None,
     source: tuple[type[models.Model], Any],
 ) -> Message:
-    """An unsaved outbox row for ``message``, with the checks :func:`_store` applies.
+    """An unsaved outbox row for ``message``: one place for what every write applies.
 
-    For writers that insert many rows at once (``cdp_backfill_identify``): the
-    ``ENRICH_MESSAGE`` hook runs, the message is validated against the tracking
-    plan, the text is encoded once, and a message that can never be sent (no
-    userId, over ``MAX_MESSAGE_BYTES``) is marked failed with its reason (a
-    blocked violation, blocked), so a bulk write stores what a single write would.
+    The ``ENRICH_MESSAGE`` hook runs, the message is validated against the
+    tracking plan, the text is encoded once, and a message that can never be
+    sent (no userId, over ``MAX_MESSAGE_BYTES``) is marked failed with its
+    reason (a blocked violation, blocked). :func:`_store` saves it; bulk writers
+    (``cdp_backfill_identify``) ``bulk_create`` many.
     """
     message = payloads.enrich(message, instance)
     verdict = validation.validate(message)  # raises TrackingPlanViolation in "raise" mode
