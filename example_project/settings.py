@@ -51,7 +51,7 @@ WSGI_APPLICATION = "example_project.wsgi.application"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [],
+        "DIRS": [BASE_DIR / "templates"],
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [
@@ -122,6 +122,29 @@ DJANGO_CDP = {
             # Settings are not traits: a change need not re-identify the merchant.
             "identify": False,
         },
+    },
+    # The tracking plan: every message is validated against the event dictionary generated
+    # from the settings (`manage.py cdp_dictionary`); violations are flagged on the message.
+    "VALIDATION": "flag",
+    # Events that are not model changes, sent with django_cdp.track(...).
+    "EVENTS": {
+        "Payout Report Sent": {
+            "description": "The payout report e-mail went out to the merchant.",
+            "properties": {
+                "payout_id": {"type": "integer", "required": True},
+                "recipients": {"type": "integer", "description": "How many addresses."},
+            },
+        },
+    },
+    # Identify the merchant's shop when one of its users logs in (daily actives).
+    "LOGIN": {"owner": "example_project.shops.login.shop_of", "track_sign_in": True},
+    # The browser source: the JavaScript SDK on every admin page, same userId as the backend.
+    "FRONTEND": {
+        "WRITE_KEY": env("CDP_FRONTEND_WRITE_KEY", default=""),
+        "DATA_PLANE_URL": env("RUDDERSTACK_DATA_PLANE_URL", default=""),
+        "SDK": "rudderstack",
+        "SDK_URL": env("CDP_SDK_URL", default=""),
+        "TRAITS": ["domain"],
     },
 }
 
