@@ -71,9 +71,7 @@ class _Transaction:
             if self.connection.__dict__.get(_STATE) is self:
                 del self.connection.__dict__[_STATE]
             if self.wrote:
-                from django_cdp.delivery import request_delivery
-
-                request_delivery(self.using)
+                _kick(self.using)
 
         self.root = django_cdp_after_commit
         self.connection.on_commit(self.root, robust=True)
@@ -121,8 +119,8 @@ def _current(using: str, *, create: bool = True) -> _Transaction | None:
 # --- rows --------------------------------------------------------------------------------------
 
 
-def _store(
-    tx: _Transaction,
+def _insert(
+    using: str,
     message: dict[str, Any],
     *,
     instance: models.Model | None,
@@ -139,11 +137,30 @@ def _store(
             source[1],
             row.last_error,
         )
-    row.save(using=tx.using, force_insert=True)
-    tx.wrote = True
+    row.save(using=using, force_insert=True)
     if message_created.has_listeners(Message):
         message_created.send(sender=Message, message=row)
     return row
+
+
+def _store(
+    tx: _Transaction,
+    message: dict[str, Any],
+    *,
+    instance: models.Model | None,
+    source: tuple[type[models.Model], Any],
+) -> Message:
+    """Insert a row in the open transaction, which then asks for delivery after commit."""
+    row = _insert(tx.using, message, instance=instance, source=source)
+    tx.wrote = True
+    return row
+
+
+def _kick(using: str) -> None:
+    """Ask for delivery of what was just committed (never raises)."""
+    from django_cdp.delivery import request_delivery
+
+    request_delivery(using)
 
 
 def _rewrite(tx: _Transaction, entry: _Entry, message: dict[str, Any], instance) -> None:
@@ -259,7 +276,6 @@ def _snapshot(instance: models.Model, config: ModelConfig) -> dict[str, Any]:
 
 
 def _track(
-    tx: _Transaction,
     instance: models.Model,
     config: ModelConfig,
     action: str,
@@ -307,15 +323,24 @@ def after_save(instance: models.Model, config: ModelConfig, created: bool, using
         write = False
     if not (write or config.is_identity):
         return
+    owner = resolve_owner(instance, config, using)
+    reidentifies = owner is not None and (config.is_identity or (write and _reidentifies(config)))
+    if not (write or reidentifies):
+        return
+    if not reidentifies and not connections[using].in_atomic_block:
+        # Autocommit and a single INSERT: atomic by itself, no BEGIN/COMMIT round trips to pay.
+        message = _track(instance, config, action, owner, changed if action == UPDATED else None)
+        _insert(using, message, instance=instance, source=_source(instance))
+        _kick(using)
+        return
     with transaction.atomic(using=using, savepoint=False):
         tx = _current(using)
-        owner = resolve_owner(instance, config, using)
         if write and action == UPDATED and not changed:
             _discard(tx, entry)
             del tx.changes[key]
         elif write:
             message = _track(
-                tx, instance, config, action, owner, changed if action == UPDATED else None
+                instance, config, action, owner, changed if action == UPDATED else None
             )
             if entry is not None:
                 _rewrite(tx, entry, message, instance)
@@ -325,7 +350,7 @@ def after_save(instance: models.Model, config: ModelConfig, created: bool, using
                 row = _store(tx, message, instance=instance, source=_source(instance))
                 reference = _snapshot(instance, config) if action == CREATED else before
                 tx.changes[key] = _Entry(row.pk, action, tx.marker(), row.message_id, reference)
-        if owner is not None and (config.is_identity or (write and _reidentifies(config))):
+        if reidentifies:
             reidentify(tx, owner, instance=instance if config.is_identity else None)
 
 
@@ -353,7 +378,7 @@ def before_delete(instance: models.Model, config: ModelConfig, using: str) -> No
         if DELETED in config.events:
             _store(
                 tx,
-                _track(tx, instance, config, DELETED, owner),
+                _track(instance, config, DELETED, owner),
                 instance=instance,
                 source=_source(instance),
             )

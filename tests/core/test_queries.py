@@ -34,12 +34,20 @@ def test_tracked_update_inside_atomic(outbox, shop, django_assert_num_queries):
     assert statements(queries) == ["BEGIN", "SELECT", "UPDATE", "INSERT", "COMMIT"]
 
 
-def test_tracked_create_in_autocommit_adds_one_short_transaction(
+def test_tracked_create_in_autocommit_adds_one_insert_and_no_transaction(
     outbox, shop, django_assert_num_queries
 ):
-    with django_assert_num_queries(4) as queries:
+    with django_assert_num_queries(2) as queries:
         Payout.objects.create(shop=shop, amount=Decimal("1.00"), currency="EUR")
-    assert statements(queries) == ["INSERT", "BEGIN", "INSERT", "COMMIT"]
+    assert statements(queries) == ["INSERT", "INSERT"]
+
+
+def test_tracked_update_in_autocommit(outbox, shop, django_assert_num_queries):
+    payout = Payout.objects.create(shop=shop, amount=Decimal("1.00"), currency="EUR")
+    payout.amount = Decimal("2.00")
+    with django_assert_num_queries(3) as queries:
+        payout.save()
+    assert statements(queries) == ["SELECT", "UPDATE", "INSERT"]
 
 
 def test_save_without_a_tracked_change_costs_one_narrow_read(
