@@ -26,7 +26,7 @@ from django.db import DatabaseError, connections, models, transaction
 from django.db.models import Subquery
 from django.utils import timezone
 
-from django_cdp import payloads, validation
+from django_cdp import payloads, statements, validation
 from django_cdp.models import Message, TraitsDigest
 from django_cdp.registry import CREATED, DELETED, UPDATED, ModelConfig, registry
 from django_cdp.settings import cdp_settings
@@ -137,7 +137,7 @@ def _insert(
             source[1],
             row.last_error,
         )
-    row.save(using=using, force_insert=True)
+    statements.insert_message(row, using)
     if message_created.has_listeners(Message):
         message_created.send(sender=Message, message=row)
     return row
@@ -236,8 +236,8 @@ def before_save(
     if entry is not None:
         instance.__dict__[_BEFORE] = entry.reference
         return
-    rows = config.model._base_manager.using(using).filter(pk=instance.pk).values_list(*columns)
-    for row in rows[:1]:  # no ORDER BY: a primary-key lookup
+    row = statements.read_columns(config.model, using, instance.pk, tuple(columns))
+    if row is not None:
         instance.__dict__[_BEFORE] = dict(zip(columns, row, strict=True))
 
 
