@@ -13,6 +13,7 @@ from typing import Any
 
 from django.db import models
 from django.db.models import Q
+from django.db.models.functions import Now
 from django.utils import timezone
 
 
@@ -50,7 +51,9 @@ class Message(models.Model):
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
     attempts = models.PositiveIntegerField(default=0)
     next_attempt_at = models.DateTimeField(
-        default=timezone.now,
+        # The database's clock, like every comparison with it (the claim's ``<= NOW()``):
+        # an application server whose clock runs ahead cannot write rows that are not due yet.
+        db_default=Now(),
         help_text="When the message is next due. Every postponement (backoff, lease, "
         "configuration error) is recorded here.",
     )

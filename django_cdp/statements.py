@@ -14,34 +14,42 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import connections, models
+from django.db.models.expressions import DatabaseDefault
 
 from django_cdp.models import Message
 
 # Vendors whose INSERT ... RETURNING Django writes as plain SQL with no extra parameters.
 _RETURNING_VENDORS = frozenset({"postgresql", "sqlite"})
 
-_inserts: dict[str, tuple[str, tuple[models.Field, ...]]] = {}
+_inserts: dict[tuple[str, tuple[models.Field, ...]], str] = {}
 _reads: dict[tuple[type[models.Model], tuple[str, ...], str], tuple[str, dict] | None] = {}
 
 
 def insert_message(row: Message, using: str) -> None:
-    """``row.save(using=using, force_insert=True)``, with the INSERT compiled once per vendor."""
+    """``row.save(using=using, force_insert=True)``, with the INSERT compiled once per vendor.
+
+    Columns left to their database default (``db_default``) are left out, as
+    the ORM leaves them to the database.
+    """
     connection = connections[using]
     if connection.vendor not in _RETURNING_VENDORS:
         row.save(using=using, force_insert=True)
         return
-    cached = _inserts.get(connection.vendor)
-    if cached is None:
+    fields = tuple(
+        f
+        for f in Message._meta.concrete_fields
+        if not f.primary_key and not isinstance(getattr(row, f.attname), DatabaseDefault)
+    )
+    key = (connection.vendor, fields)
+    sql = _inserts.get(key)
+    if sql is None:
         opts, quote_name = Message._meta, connection.ops.quote_name
-        fields = tuple(f for f in opts.concrete_fields if not f.primary_key)
         columns = ", ".join(quote_name(f.column) for f in fields)
         placeholders = ", ".join(["%s"] * len(fields))
-        sql = (
+        sql = _inserts[key] = (
             f"INSERT INTO {quote_name(opts.db_table)} ({columns}) VALUES ({placeholders}) "
             f"RETURNING {quote_name(opts.pk.column)}"
         )
-        cached = _inserts[connection.vendor] = (sql, fields)
-    sql, fields = cached
     params = [f.get_db_prep_save(getattr(row, f.attname), connection) for f in fields]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)

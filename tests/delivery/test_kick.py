@@ -39,12 +39,11 @@ def test_debounced_per_alias_and_every_commit_is_covered(configure, published):
     for _ in range(50):
         delivery.request_delivery("default")
     delivery.request_delivery("other")
-    # One run now; commits after it was published join one more run a debounce later.
-    assert [(u, round(c, 1)) for u, c in published] == [
-        ("default", 0.0),
-        ("default", 0.5),
-        ("other", 0.0),
-    ]
+    # One run now; commits after it was published join one more run a debounce later
+    # (less the time the loop took: the exact schedule is pinned by the next test).
+    assert [alias for alias, _ in published] == ["default", "default", "other"]
+    assert published[0][1] == 0.0 and published[2][1] == 0.0
+    assert 0.0 < published[1][1] <= 0.5
 
 
 def test_debounce_schedule_is_exact():
