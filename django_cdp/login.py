@@ -28,11 +28,11 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.contrib.auth.signals import user_logged_in
 from django.core import checks
-from django.core.exceptions import FieldDoesNotExist, ObjectDoesNotExist
+from django.core.exceptions import ObjectDoesNotExist
 from django.db import models, router, transaction
 from django.utils.module_loading import import_string
 
-from django_cdp.registry import registry
+from django_cdp.registry import fk_path_reaches, registry
 from django_cdp.settings import SETTING_NAME, cdp_settings
 
 logger = logging.getLogger("django_cdp")
@@ -161,7 +161,7 @@ def check_login(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMess
         else:
             if not callable(func):
                 error(f"{key}['owner'] = {owner!r} is not callable.", "Name a function.")
-    elif not _path_reaches(get_user_model(), owner, identity.model):
+    elif not fk_path_reaches(get_user_model(), owner, identity.model, reverse_one_to_one=True):
         error(
             f"{key}['owner'] = {owner!r} does not lead from the user model "
             f"{get_user_model()._meta.label} to the identity model {identity.model._meta.label}.",
@@ -169,16 +169,3 @@ def check_login(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMess
             "'profile__shop'.",
         )
     return problems
-
-
-def _path_reaches(model: type[models.Model], path: str, target: type[models.Model]) -> bool:
-    current = model
-    for part in path.split("__"):
-        try:
-            f = current._meta.get_field(part)
-        except FieldDoesNotExist:
-            return False
-        if not (f.is_relation and (f.many_to_one or f.one_to_one)):
-            return False
-        current = f.related_model
-    return current is target

@@ -395,7 +395,9 @@ def _parse_model(
             )
             ok = False
         owner_path = None
-    elif identity is not None and not _owner_reaches(model, owner_path, identity.model):
+    elif identity is not None and not fk_path_reaches(
+        model, owner_path, identity.model, reverse_one_to_one=False
+    ):
         problems.append(
             _error(
                 "E006",
@@ -480,7 +482,15 @@ def default_event_base(model: type[models.Model]) -> str:
     return " ".join(word[:1].upper() + word[1:] for word in name.split())
 
 
-def _owner_reaches(model: type[models.Model], path: Any, target: type[models.Model]) -> bool:
+def fk_path_reaches(
+    model: type[models.Model], path: Any, target: type[models.Model], *, reverse_one_to_one: bool
+) -> bool:
+    """Whether ``path`` ("order__shop") leads from ``model`` to ``target`` through to-one relations.
+
+    Owner paths must use forward foreign keys (the owner is resolved from the
+    row's own columns); a login path may also cross a reverse one-to-one
+    ("profile__shop" from the user).
+    """
     if not isinstance(path, str) or not path:
         return False
     current = model
@@ -489,7 +499,9 @@ def _owner_reaches(model: type[models.Model], path: Any, target: type[models.Mod
             f = current._meta.get_field(part)
         except FieldDoesNotExist:
             return False
-        if not (f.is_relation and (f.many_to_one or f.one_to_one) and f.concrete):
+        if not (f.is_relation and (f.many_to_one or f.one_to_one)):
+            return False
+        if not f.concrete and not reverse_one_to_one:
             return False
         current = f.related_model
     return current is target

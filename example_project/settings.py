@@ -12,6 +12,7 @@ from pathlib import Path
 import environ
 
 from django_cdp.tasks import BEAT_SCHEDULE as CDP_BEAT_SCHEDULE
+from example_project.tracking_plan import IDENTITY, MODELS
 
 BASE_DIR = Path(__file__).resolve().parent
 
@@ -97,32 +98,9 @@ DJANGO_CDP = {
     "DATA_PLANE_URL": env("RUDDERSTACK_DATA_PLANE_URL", default=""),
     # Without a broker nothing could run the Celery task: deliver with ``cdp_deliver``.
     "DELIVERY": "celery" if CELERY_BROKER_URL else "manual",
-    # The merchant is the identified customer: one userId per shop.
-    "IDENTITY": {
-        "model": "shops.Shop",
-        "user_id": "id",
-        "traits": {
-            "domain": "domain",
-            "email": "email",
-            "xero_connection_ok": "xero_connection_ok",
-            "plan": "plan__name",
-        },
-    },
-    # Each registered model emits "<Verbose Name> Created|Updated|Deleted" tracks.
-    "MODELS": {
-        "shops.Shop": {"properties": ["domain", "active", "xero_connection_ok"]},
-        "payouts.Payout": {
-            "owner": "shop",
-            "properties": {"amount": "amount", "currency": "currency", "status": "status"},
-        },
-        "accounting.Mapping": {"owner": "shop", "properties": ["source", "account_code"]},
-        "accounting.ShopSettings": {
-            "owner": "shop",
-            "properties": ["sync_enabled", "payout_schedule"],
-            # Settings are not traits: a change need not re-identify the merchant.
-            "identify": False,
-        },
-    },
+    # Who is identified, and which changes become events: see tracking_plan.py.
+    "IDENTITY": IDENTITY,
+    "MODELS": MODELS,
     # The tracking plan: every message is validated against the event dictionary generated
     # from the settings (`manage.py cdp_dictionary`); violations are flagged on the message.
     "VALIDATION": "flag",

@@ -8,6 +8,8 @@ messages follow the ``using`` of the change.
 
 import os
 
+from example_project.tracking_plan import IDENTITY, MODELS
+
 SECRET_KEY = "django-cdp-tests"
 DEBUG = False
 USE_TZ = True
@@ -72,27 +74,6 @@ DJANGO_CDP = {
     "WRITE_KEY": "",
     "DATA_PLANE_URL": "",
     "DELIVERY": "manual",
-    "IDENTITY": {
-        "model": "shops.Shop",
-        "user_id": "id",
-        "traits": {
-            "domain": "domain",
-            "email": "email",
-            "xero_connection_ok": "xero_connection_ok",
-            "plan": "plan__name",
-        },
-    },
-    "MODELS": {
-        "shops.Shop": {"properties": ["domain", "active", "xero_connection_ok"]},
-        "payouts.Payout": {
-            "owner": "shop",
-            "properties": {"amount": "amount", "currency": "currency", "status": "status"},
-        },
-        "accounting.Mapping": {"owner": "shop", "properties": ["source", "account_code"]},
-        "accounting.ShopSettings": {
-            "owner": "shop",
-            "properties": ["sync_enabled", "payout_schedule"],
-            "identify": False,
-        },
-    },
+    "IDENTITY": IDENTITY,
+    "MODELS": MODELS,
 }
