@@ -33,13 +33,15 @@ from django.utils.html import format_html
 from django.utils.safestring import mark_safe
 
 from django_cdp import admin_dictionary, health
-from django_cdp.models import Message
+from django_cdp.models import DeliveryAttempt, Message
 from django_cdp.registry import registry
 
 #: The changelist counts at most this many matching rows (``COUNT`` over a ``LIMIT``).
 COUNT_CAP = 10_000
 #: The live page returns at most this many messages per poll.
 LIVE_LIMIT = 50
+#: The message detail page lists at most this many delivery attempts, newest first.
+ATTEMPTS_LIMIT = 50
 
 
 def _request_delivery() -> Any:
@@ -357,7 +359,55 @@ class MessageAdmin(admin.ModelAdmin):
         self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: Any = None
     ) -> Any:
         extra_context = {**(extra_context or {}), "cdp_links": self._links()}
-        return super().change_view(request, object_id, form_url, extra_context)
+        response = super().change_view(request, object_id, form_url, extra_context)
+        # The attempts are read only once the admin has found the message and checked
+        # the permissions (``original`` is the loaded row): one query on the FK index.
+        context = getattr(response, "context_data", None)
+        if isinstance(context, dict) and isinstance(context.get("original"), Message):
+            context.update(self.attempts_context(context["original"]))
+        return response
+
+    def attempts_context(self, message: Message) -> dict[str, Any]:
+        """The message's newest failed attempts for the detail page, in one bounded query.
+
+        Only failures are recorded (a success is the row's own ``sent_at`` and last
+        response code); at most :data:`ATTEMPTS_LIMIT` are listed, and one more is
+        fetched to tell whether older ones exist, instead of counting them.
+        """
+        rows = list(
+            DeliveryAttempt.objects.using(message._state.db or "default")
+            .filter(message=message)
+            .order_by("-id")
+            .only(
+                "id",
+                "number",
+                "at",
+                "outcome",
+                "response_code",
+                "response_excerpt",
+                "error",
+                "duration_ms",
+            )[: ATTEMPTS_LIMIT + 1]
+        )
+        attempts = [
+            {
+                "number": a.number,
+                "at": a.at,
+                "outcome": a.outcome,
+                "outcome_label": a.get_outcome_display(),
+                "response_code": a.response_code,
+                "duration_ms": a.duration_ms,
+                # Masked again when shown, like ``last_error``: the key may have changed.
+                "error": health.mask_secrets(a.error),
+                "excerpt": health.mask_secrets(a.response_excerpt),
+            }
+            for a in rows[:ATTEMPTS_LIMIT]
+        ]
+        return {
+            "cdp_attempts": attempts,
+            "cdp_attempts_more": len(rows) > ATTEMPTS_LIMIT,
+            "cdp_attempts_limit": ATTEMPTS_LIMIT,
+        }
 
     def health_view(self, request: HttpRequest) -> HttpResponse:
         """Delivery health: counts per window, oldest pending, delays, errors, 24 h chart."""

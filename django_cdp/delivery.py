@@ -16,7 +16,9 @@ spent:
    ``locked_by``, ``attempts`` and ``status`` still match the claim, and clears
    the lease. A worker whose lease expired (and whose rows another worker may
    have claimed since) updates nothing. A worker that dies leaves rows that
-   become due again when their lease ends.
+   become due again when their lease ends. A failed request also leaves one
+   :class:`~django_cdp.models.DeliveryAttempt` row per message, written in the
+   same transaction (one ``INSERT``); a successful one writes nothing more.
 
 All times come from the database clock (``Now()``), so workers on hosts with
 skewed clocks agree on what is due.
@@ -48,7 +50,7 @@ from django.db.models import F, Q
 from django.db.models.functions import Now
 
 from django_cdp import transport
-from django_cdp.models import Message, TraitsDigest
+from django_cdp.models import DeliveryAttempt, Message, TraitsDigest
 from django_cdp.settings import cdp_settings
 from django_cdp.signals import message_failed, message_sent
 from django_cdp.transport import Outcome
@@ -222,6 +224,39 @@ def _fenced(using: str, token: str, rows: Sequence[Claimed]) -> Any:
 
 _CLEAR_LEASE = {"locked_until": None, "locked_by": ""}
 
+AttemptOutcome = DeliveryAttempt.Outcome
+
+
+class FailedAttempt(NamedTuple):
+    """What a failed request left to record on each of its messages."""
+
+    outcome: str
+    response: transport.Response
+
+
+def _attempt_rows(
+    token: str, rows: Iterable[Claimed], attempt: FailedAttempt
+) -> list[DeliveryAttempt]:
+    """One unsaved attempt per row. The response text is already masked by the transport."""
+    resp = attempt.response
+    if resp.status is None:
+        excerpt, error = "", resp.text
+    else:
+        excerpt, error = resp.text[: DeliveryAttempt.EXCERPT_CHARS], ""
+    return [
+        DeliveryAttempt(
+            message_id=row.id,
+            number=row.attempts,
+            outcome=attempt.outcome,
+            response_code=resp.status,
+            response_excerpt=excerpt,
+            error=error,
+            duration_ms=resp.duration_ms,
+            worker=token,
+        )
+        for row in rows
+    ]
+
 
 def _notify(signal: Any, using: str, ids: Iterable[int]) -> None:
     if not signal.has_listeners(Message):
@@ -250,10 +285,48 @@ class _Run:
     def new_token(self) -> str:
         return f"{self.worker_id}:{secrets.token_hex(4)}"
 
-    def write(self, token: str, rows: Sequence[Claimed], **fields: Any) -> int:
-        """Record an outcome on the rows this claim still owns, and end their lease."""
+    def write(
+        self,
+        token: str,
+        rows: Sequence[Claimed],
+        attempt: FailedAttempt | None = None,
+        **fields: Any,
+    ) -> int:
+        """Record an outcome on the rows this claim still owns, and end their lease.
+
+        With ``attempt`` (a failed request), the attempt is recorded for the rows in
+        the same transaction: one ``bulk_create``, so a failure costs one statement
+        more and a success none.
+        """
         with _bookkeeping(self.using):
-            return _fenced(self.using, token, rows).update(**fields, **_CLEAR_LEASE)
+            n = _fenced(self.using, token, rows).update(**fields, **_CLEAR_LEASE)
+            if attempt is not None:
+                self.record_attempts(token, rows, attempt, n)
+            return n
+
+    def record_attempts(
+        self, token: str, rows: Sequence[Claimed], attempt: FailedAttempt, updated: int
+    ) -> None:
+        """Add the attempt rows; call inside the outcome's transaction, after its UPDATE.
+
+        When the fence matched every row (the normal case) the UPDATE holds their row
+        locks, so they cannot vanish before the commit. Otherwise some rows were
+        erased or purged meanwhile, or this claim's lease ran out: the request still
+        happened, so it is recorded on the messages that still exist, locked first so
+        that a concurrent delete cannot break the commit with a foreign-key error.
+        """
+        if updated != len(rows):
+            existing = set(
+                Message.objects.using(self.using)
+                .filter(id__in=[r.id for r in rows])
+                .select_for_update()
+                .values_list("id", flat=True)
+            )
+            rows = [r for r in rows if r.id in existing]
+        if rows:
+            DeliveryAttempt.objects.using(self.using).bulk_create(
+                _attempt_rows(token, rows, attempt)
+            )
 
     # Outcomes. Each is one fenced UPDATE (per attempts value) and clears the lease.
 
@@ -270,14 +343,24 @@ class _Run:
         _notify(message_sent, self.using, (r.id for r in rows))
 
     def mark_failed(
-        self, token: str, rows: Sequence[Claimed], error: str, status: int | None
+        self,
+        token: str,
+        rows: Sequence[Claimed],
+        error: str,
+        status: int | None,
+        attempt: FailedAttempt | None = None,
     ) -> None:
-        """Dead-letter ``rows``; their identify traits will be sent again later."""
+        """Dead-letter ``rows``; their identify traits will be sent again later.
+
+        ``attempt`` is the failed request, when there was one (an unsendable message
+        fails without a request, so it has no attempt row: its reason is ``last_error``).
+        """
         identifies = [r for r in rows if r.type == Message.Type.IDENTIFY]
         with _bookkeeping(self.using):
             n = self.write(
                 token,
                 rows,
+                attempt,
                 status=Message.Status.FAILED,
                 last_error=error,
                 last_response_code=status,
@@ -301,16 +384,19 @@ class _Run:
                 exhausted,
                 f"gave up after {self.max_attempts} attempts: {error}",
                 resp.status,
+                FailedAttempt(AttemptOutcome.DEAD_LETTER, resp),
             )
         by_attempts: dict[int, list[Claimed]] = {}
         for r in rows:
             if r.attempts < self.max_attempts:
                 by_attempts.setdefault(r.attempts, []).append(r)
+        retry = FailedAttempt(AttemptOutcome.RETRY, resp)
         for attempts, group in by_attempts.items():
             delay = backoff_seconds(attempts, resp.retry_after)
             self.result.retrying += self.write(
                 token,
                 group,
+                retry,
                 next_attempt_at=Now() + timedelta(seconds=delay),
                 last_error=error,
                 last_response_code=resp.status,
@@ -329,6 +415,7 @@ class _Run:
         self.result.config_errors += self.write(
             token,
             rows,
+            FailedAttempt(AttemptOutcome.CONFIG_ERROR, resp),
             attempts=F("attempts") - 1,
             next_attempt_at=Now() + timedelta(seconds=config_error_delay()),
             last_error=error,
@@ -399,10 +486,17 @@ class _Run:
                 self.mark_sent(token, part, resp.status or 200)
             elif outcome is Outcome.REFUSED:
                 if len(part) == 1:
-                    self.mark_failed(token, part, resp.describe(), resp.status)
+                    self.mark_failed(
+                        token,
+                        part,
+                        resp.describe(),
+                        resp.status,
+                        FailedAttempt(AttemptOutcome.REFUSED, resp),
+                    )
                 else:
                     # The data plane refuses a whole request for one bad message:
-                    # bisect until the refused ones are alone.
+                    # bisect until the refused ones are alone. These halving requests
+                    # record no attempt: the good messages in them were not refused.
                     middle = len(part) // 2
                     work.extendleft([part[middle:], part[:middle]])
             else:

@@ -140,3 +140,57 @@ class TraitsDigest(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user_id}: {self.digest[:12]}"
+
+
+class DeliveryAttempt(models.Model):
+    """One failed delivery attempt of a message: what the data plane answered, or why nothing.
+
+    Only failures are recorded. A success is already on the :class:`Message` row
+    (``sent_at``, ``last_response_code``), and the success path is the one that
+    runs tens of thousands of times a second, so it writes nothing here; a
+    failed request costs one extra ``INSERT`` (a ``bulk_create`` for its rows) in
+    the transaction that records its outcome. Rows go with their message
+    (``CASCADE``): retention purges and per-user erasure remove them too.
+    """
+
+    class Outcome(models.TextChoices):
+        #: 429, 5xx, other unexpected codes, timeouts, connection errors: due again later.
+        RETRY = "retry", "retry"
+        #: 401/403/404: write key, source or URL; the attempt was given back.
+        CONFIG_ERROR = "config_error", "configuration error"
+        #: 400/413 for this message alone (after bisection): the data plane refused it.
+        REFUSED = "refused", "refused"
+        #: The last allowed attempt failed too: the message is a dead letter now.
+        DEAD_LETTER = "dead_letter", "dead letter"
+
+    #: How much of a response body an attempt keeps.
+    EXCERPT_CHARS = 500
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="delivery_attempts")
+    number = models.PositiveIntegerField(help_text="The message's attempt number at the time.")
+    at = models.DateTimeField(
+        # The database clock, like every time delivery records.
+        db_default=Now(),
+        help_text="When the outcome was recorded (just after the response).",
+    )
+    outcome = models.CharField(max_length=16, choices=Outcome.choices)
+    response_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    response_excerpt = models.TextField(
+        blank=True, help_text="The start of the response body (write key masked)."
+    )
+    error = models.TextField(
+        blank=True, help_text="Why no response arrived (timeout, connection error)."
+    )
+    duration_ms = models.PositiveIntegerField(
+        null=True, blank=True, help_text="How long the HTTP request took."
+    )
+    worker = models.CharField(max_length=100, blank=True, help_text="The claim (locked_by).")
+
+    class Meta:
+        verbose_name = "delivery attempt"
+        verbose_name_plural = "delivery attempts"
+        # No extra index: the only reader is the detail page, which reads the attempts of
+        # one message through the foreign key's index.
+
+    def __str__(self) -> str:
+        return f"attempt {self.number} of message {self.message_id}: {self.outcome}"

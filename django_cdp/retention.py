@@ -9,8 +9,11 @@ someone has to look at, and ``blocked`` ones are tracking-plan violations kept
 for review: none of them is ever purged by age.
 
 Deletes go in batches of consecutive ids (``id > last AND id <= upper``, the
-upper bound found with one indexed query), each its own short statement, so a
-purge of millions of rows never holds one huge transaction or lock.
+upper bound found with one indexed query), each its own short transaction, so a
+purge of millions of rows never holds one huge transaction or lock. A message's
+delivery attempts (``DeliveryAttempt``, ``CASCADE``) go with it: in each
+batch's transaction Django's collector reads the batch's ids (only the ids, not
+the payloads), then deletes their attempts and the messages by id.
 
 An erasure request (GDPR art. 17 and the like) is different: everything stored
 about one userId goes, whatever its status, together with the user's traits
@@ -24,7 +27,7 @@ import datetime
 from dataclasses import dataclass
 
 from django.db import DEFAULT_DB_ALIAS, transaction
-from django.db.models import QuerySet
+from django.db.models import QuerySet, signals
 from django.utils import timezone
 
 from django_cdp.models import Message, TraitsDigest
@@ -73,7 +76,8 @@ def purge(
 
     With ``dry_run`` it counts instead (one ``COUNT(*)``). The cutoff is fixed
     when the purge starts; the status and age conditions are repeated in every
-    DELETE, so a row that changed status meanwhile (a requeue) is left alone.
+    batch, so only rows that are sent or skipped when their batch runs go (those
+    statuses are final: nothing moves a row out of them).
     """
     queryset = purgeable(older_than, using=using)
     result = PurgeResult()
@@ -92,8 +96,7 @@ def purge(
         if upper is not None:
             window = window.filter(id__lte=upper)
         with transaction.atomic(using=using):
-            deleted, _ = window.delete()
-        result.deleted += deleted
+            result.deleted += _delete_messages(window)
         result.batches += 1
         if upper is None:
             return result
@@ -114,6 +117,23 @@ def erase_user(
     if dry_run:
         return ErasureResult(messages.count(), digests.count())
     with transaction.atomic(using=using):
-        deleted_messages, _ = messages.delete()
+        deleted_messages = _delete_messages(messages)
         deleted_digests, _ = digests.delete()
     return ErasureResult(deleted_messages, deleted_digests)
+
+
+def _delete_messages(queryset: QuerySet) -> int:
+    """Delete the messages of ``queryset`` with their delivery attempts; the messages deleted.
+
+    The cascade makes Django's collector load the messages before deleting them;
+    it needs only their ids, so the payloads are left unread unless a
+    ``pre_delete``/``post_delete`` receiver may want whole objects (the rule Django
+    applies to the related rows itself). The count is of messages only
+    (``QuerySet.delete()`` totals every model it deleted rows of).
+    """
+    if not (
+        signals.pre_delete.has_listeners(Message) or signals.post_delete.has_listeners(Message)
+    ):
+        queryset = queryset.only("id")
+    _, per_model = queryset.delete()
+    return per_model.get(Message._meta.label, 0)

@@ -29,6 +29,7 @@ import enum
 import gzip
 import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -46,6 +47,8 @@ _SENT_AT_EXAMPLE = "2000-01-01T00:00:00.000Z"
 PER_MESSAGE_OVERHEAD = len(f',"sentAt":"{_SENT_AT_EXAMPLE}"') + 1
 #: How much of a response body is kept (it ends up in ``Message.last_error``).
 MAX_BODY_CHARS = 2000
+#: Bytes of a response body decoded and masked before it is cut to ``MAX_BODY_CHARS``.
+_MASK_WINDOW_BYTES = 16 * MAX_BODY_CHARS
 USER_AGENT = f"django-cdp/{django_cdp.__version__}"
 
 
@@ -72,6 +75,9 @@ class Response:
     text: str
     #: Seconds asked for by a ``Retry-After`` header, if any.
     retry_after: float | None = None
+    #: How long the request took, in milliseconds (until the answer or the failure), so
+    #: that a failed attempt shows whether the data plane was slow or quick to refuse.
+    duration_ms: int | None = None
 
     @property
     def outcome(self) -> Outcome:
@@ -226,16 +232,29 @@ def post_batch(
         body = gzip.compress(body, compresslevel=1, mtime=0)
         headers["Content-Encoding"] = "gzip"
     url = data_plane_url.rstrip("/") + BATCH_PATH
+    started = time.monotonic()
     try:
         resp = get_session().post(
             url, data=body, headers=headers, timeout=(connect_timeout, read_timeout)
         )
-        text = resp.content[:MAX_BODY_CHARS].decode("utf-8", "replace").strip()
+        # Mask before truncating, so that a key cut in two at the limit cannot leak half
+        # (the window decodes to far more than MAX_BODY_CHARS characters whatever the bytes).
+        text = resp.content[:_MASK_WINDOW_BYTES].decode("utf-8", "replace")
+        text = mask(text, write_key)[:MAX_BODY_CHARS].strip()
     except requests.RequestException as exc:
         kind = "timeout" if isinstance(exc, requests.Timeout) else "connection error"
-        return Response(None, mask(f"{kind}: {type(exc).__name__}: {exc}", write_key))
+        return Response(
+            None,
+            mask(f"{kind}: {type(exc).__name__}: {exc}", write_key),
+            duration_ms=_elapsed_ms(started),
+        )
     return Response(
         resp.status_code,
-        mask(text, write_key),
+        text,
         parse_retry_after(resp.headers.get("Retry-After")),
+        duration_ms=_elapsed_ms(started),
     )
+
+
+def _elapsed_ms(started: float) -> int:
+    return round((time.monotonic() - started) * 1000)

@@ -89,9 +89,13 @@ def test_deletes_in_batches_by_id_range(transactional_db):
     make("pending", 40, n=2)
     with CaptureQueriesContext(connection) as ctx:
         out = purge("--older-than", "30", "--batch-size", "5")
-    deletes = [q["sql"] for q in ctx.captured_queries if q["sql"].startswith("DELETE")]
-    assert len(deletes) == 5  # 5 + 5 + 5 + 5 + 3
-    assert all('"id" >' in sql and "status" in sql for sql in deletes)
+    sqls = [q["sql"] for q in ctx.captured_queries]
+    # Each batch: the collector reads the ids under the batch's conditions, then deletes
+    # the messages' delivery attempts (CASCADE) and the messages by id, in one transaction.
+    reads = [sql for sql in sqls if sql.startswith('SELECT "django_cdp_message"."id" FROM')]
+    deletes = [sql for sql in sqls if sql.startswith('DELETE FROM "django_cdp_message"')]
+    assert len(reads) == len(deletes) == 5  # 5 + 5 + 5 + 5 + 3
+    assert all('"id" >' in sql and "status" in sql for sql in reads)
     assert "Deleted 23 sent or skipped message(s)" in out and "in 5 batch(es)" in out
     assert Message.objects.filter(status="pending").count() == 2
 
