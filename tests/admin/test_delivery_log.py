@@ -295,3 +295,17 @@ def test_changelist_with_100k_messages(admin_client_):
 
 def test_message_admin_is_registered():
     assert isinstance(site._registry[Message], cdp_admin.MessageAdmin)
+
+
+def test_event_choices_include_manual_events_of_the_plan(admin_client_, settings):
+    settings.DJANGO_CDP = {
+        **settings.DJANGO_CDP,
+        "EVENTS": {"Customer Charged": {"properties": {"amount": {"type": "number"}}}},
+    }
+    response = admin_client_.get(CHANGELIST)
+    (events,) = [
+        spec
+        for spec in response.context["cl"].filter_specs
+        if getattr(spec, "parameter_name", None) == "event"
+    ]
+    assert "Customer Charged" in [value for value, _ in events.lookup_choices]
