@@ -204,7 +204,7 @@ def write_backlog(n: int) -> None:
     from django_cdp.models import Message
 
     with connection.cursor() as cursor:
-        cursor.execute("TRUNCATE django_cdp_message")
+        cursor.execute("TRUNCATE django_cdp_message CASCADE")
     rows = []
     for i in range(n):
         user_id = str(i % USERS + 1)
@@ -226,25 +226,6 @@ def write_backlog(n: int) -> None:
     Message.objects.bulk_create(rows)
     with connection.cursor() as cursor:
         cursor.execute("VACUUM ANALYZE django_cdp_message")
-
-
-def drop_secondary_indexes() -> list[str]:
-    """Drop the outbox's indexes but the primary key, messageId's unique key, the claim
-    index and the source index (``--lean-indexes``)."""
-    from django.db import connection
-
-    keep = {
-        "django_cdp_message_pkey",
-        "django_cdp_message_message_id_key",
-        "django_cdp_message_due",
-        "django_cdp_message_source",
-    }
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'django_cdp_message'")
-        names = sorted(name for (name,) in cursor.fetchall() if name not in keep)
-        for name in names:
-            cursor.execute(f'DROP INDEX "{name}"')
-    return names
 
 
 def run_cdp(n: int, workers: int, plane: DataPlane, env: dict[str, str], logdir: Path) -> float:
@@ -345,12 +326,6 @@ def main() -> None:
     parser.add_argument("--latency-rate", type=float, default=200.0)
     parser.add_argument("--latency-seconds", type=float, default=15.0)
     parser.add_argument(
-        "--lean-indexes",
-        action="store_true",
-        help="First drop the outbox's indexes on event, userId, status and created_at "
-        "(and the _like copies): what fewer indexes would gain",
-    )
-    parser.add_argument(
         "--debounce",
         type=float,
         action="append",
@@ -388,8 +363,6 @@ def main() -> None:
     try:
         with _common.bench_database():
             print(f"# {_common.machine()}; git {_common.git_revision()}", flush=True)
-            if args.lean_indexes:
-                print(f"# dropped indexes: {', '.join(drop_secondary_indexes())}", flush=True)
             sdk = run_sdk(n, plane)
             print(f"rudder-sdk-python: {sdk:,.0f} msg/s", flush=True)
             one = run_cdp(n, 1, plane, env, logdir)
