@@ -30,7 +30,7 @@ for name in ("HOST", "PORT", "USER", "PASSWORD"):
 FILL_SQL = """
 INSERT INTO django_cdp_message (message_id, type, event, user_id, payload, status, attempts,
     next_attempt_at, locked_by, last_error, last_response_code, created_at, last_attempt_at,
-    sent_at, source_model, source_pk)
+    sent_at, source_model, source_pk, violations)
 SELECT 'bench-' || g,
        'track',
        (ARRAY['Payout Created','Payout Updated','Payout Deleted','Shop Created','Shop Updated',
@@ -53,7 +53,8 @@ SELECT 'bench-' || g,
             THEN now() - (%(rows)s - g) * interval '1 second' * (691200.0 / %(rows)s)
                  + interval '1.5 seconds' END,
        'payouts.payout',
-       (g %% 100000)::text
+       (g %% 100000)::text,
+       '[]'::jsonb
 FROM generate_series(1, %(rows)s) AS g
 """
 
