@@ -20,6 +20,7 @@ from urllib.parse import urlencode
 
 from django.apps import apps
 from django.contrib import admin, messages
+from django.contrib.admin.utils import flatten_fieldsets
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import transaction
@@ -155,23 +156,6 @@ class MessageAdmin(admin.ModelAdmin):
     actions = ("requeue",)
     change_list_template = "admin/django_cdp/message/change_list.html"
     change_form_template = "admin/django_cdp/message/change_form.html"
-    readonly_fields = (
-        "summary",
-        "message_id",
-        "type",
-        "event",
-        "user_id",
-        "status",
-        "attempts",
-        "created_at",
-        "last_attempt_at",
-        "sent_at",
-        "next_attempt_at",
-        "last_response_code",
-        "error",
-        "source",
-        "pretty_payload",
-    )
     fieldsets = (
         (None, {"fields": ("summary", "message_id", "type", "event", "user_id", "source")}),
         (
@@ -191,6 +175,7 @@ class MessageAdmin(admin.ModelAdmin):
         ),
         ("Payload (as sent; delivery adds sentAt)", {"fields": ("pretty_payload",)}),
     )
+    readonly_fields = flatten_fieldsets(fieldsets)  # every field shown is read-only
 
     # --- permissions ---------------------------------------------------------------------------
 
