@@ -77,6 +77,8 @@ def test_settings_that_are_not_a_dict():
     assert [p.id for p in found] == ["django_cdp.E001"]
 
 
+# Django 6.1's check command asks every database whether it supports JSONField.
+@pytest.mark.django_db(databases="__all__")
 def test_a_broken_dict_does_not_crash_and_check_exits_non_zero():
     config = broken(**{f"{PAYOUT}/owner": "currency"})
     with override_settings(DJANGO_CDP=config), pytest.raises(SystemCheckError, match="E006"):
@@ -95,6 +97,8 @@ def test_a_broken_model_entry_is_left_out_while_the_rest_keeps_working(outbox, s
     assert outbox.events() == ["Shop Updated"]
 
 
+# Django 6.1's check command asks every database whether it supports JSONField.
+@pytest.mark.django_db(databases="__all__")
 def test_check_passes_with_the_good_configuration():
     call_command("check", fail_level="ERROR")
 

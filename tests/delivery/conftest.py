@@ -290,7 +290,9 @@ def start_worker(
             "--without-heartbeat",
         ]
         if sweep:
-            cmd += ["-B", "-s", str(tmp_path / f"beat-{name}")]
+            # The in-memory scheduler: the default PersistentScheduler keeps a shelve file, which
+            # on Python 3.13 (dbm.sqlite3) fails with "locking protocol" inside a worker's -B.
+            cmd += ["-B", "--scheduler", "celery.beat:Scheduler"]
         with log.open("ab") as out:
             proc = subprocess.Popen(
                 cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True

@@ -298,6 +298,8 @@ def test_an_unknown_validation_mode_is_e009_and_wrong_types_are_e001():
         assert ids == ["django_cdp.E001", "django_cdp.E001"]
 
 
+# Django 6.1's check command asks every database whether it supports JSONField.
+@pytest.mark.django_db(databases="__all__")
 def test_the_checks_run_with_manage_py_check():
     from django.core.management import CommandError
 
