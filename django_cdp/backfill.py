@@ -132,12 +132,12 @@ def _batches(queryset: models.QuerySet, batch_size: int) -> Iterator[list[Any]]:
 
 
 def _fetch(
-    model: type[models.Model], related: Iterable[str], pks: list[Any], using: str, result
+    model: type[models.Model], sources: tuple[Any, ...], pks: list[Any], using: str, result
 ) -> tuple[dict[Any, models.Model], list[Any]]:
     """The batch's rows by pk, and the pks whose row is there but cannot be joined."""
     rows = {
         obj.pk: obj
-        for obj in model._base_manager.using(using).select_related(*related).filter(pk__in=pks)
+        for obj in payloads.joined_for(model._base_manager.using(using), sources).filter(pk__in=pks)
     }
     missing = [pk for pk in pks if pk not in rows]
     broken: list[Any] = []
@@ -151,10 +151,6 @@ def _fetch(
         result.gone += len(missing) - len(broken)
         result.done += len(missing) - len(broken)
     return rows, broken
-
-
-def _related(sources: Iterable[Any]) -> list[str]:
-    return sorted({s.path.rsplit("__", 1)[0] for s in sources if s.kind == "path"})
 
 
 def _describe(exc: BaseException) -> str:
@@ -202,10 +198,9 @@ def backfill_identify(
     """
     identity = registry.identity
     config = registry.get(identity.model)
-    related = _related(identity.traits)
     result = BackfillResult("identify", total=total or 0)
     for pks in _batches(queryset, batch_size):
-        rows_by_pk, broken = _fetch(identity.model, related, pks, using, result)
+        rows_by_pk, broken = _fetch(identity.model, identity.traits, pks, using, result)
         for pk in broken:
             _error(result, on_error, pk, "a foreign key on a trait path points to a missing row")
         read: list[tuple[models.Model, str | None, dict[str, Any], str]] = []
@@ -348,10 +343,9 @@ def backfill_created(
     """
     event = config.event_name(CREATED)
     label = config.model._meta.label_lower
-    related = _related(config.properties)
     result = BackfillResult(event, total=total or 0)
     for pks in _batches(queryset, batch_size):
-        rows_by_pk, broken = _fetch(config.model, related, pks, using, result)
+        rows_by_pk, broken = _fetch(config.model, config.properties, pks, using, result)
         for pk in broken:
             _error(result, on_error, pk, "a foreign key on a property path points to a missing row")
         queued = set(

@@ -455,8 +455,7 @@ def _read_traits(
                 .first()
             )
             return payloads.read_sources(instance, identity.traits), stored
-        related = {s.path.rsplit("__", 1)[0] for s in identity.traits if s.kind == "path"}
-        obj = queryset.select_related(*related).first()
+        obj = payloads.joined_for(queryset, identity.traits).first()
         if obj is None:
             return None
         return payloads.read_sources(obj, identity.traits), obj.django_cdp_digest
