@@ -21,6 +21,7 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
+    "django.contrib.staticfiles",  # the browser test's live server serves the admin's CSS
     "django_cdp",
     "example_project.shops",
     "example_project.payouts",
