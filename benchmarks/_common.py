@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,6 +84,40 @@ def git_revision() -> str:
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "?"
+
+
+#: The two amounts an update alternates between, so that every update really changes a row.
+AMOUNTS = (Decimal("120.00"), Decimal("245.50"))
+#: Rows the updates cycle through.
+POOL = 50
+
+
+def toggle_amount(payout: Any) -> None:
+    """Save ``payout`` with its amount switched to the other of :data:`AMOUNTS`."""
+    payout.amount = AMOUNTS[1] if payout.amount == AMOUNTS[0] else AMOUNTS[0]
+    payout.save()
+
+
+def in_mode(func: Callable[[int], object], mode: str) -> Callable[[int], object]:
+    """``func`` as is in ``"autocommit"``, or inside its own ``atomic()`` block per call."""
+    if mode == "autocommit":
+        return func
+    from django.db import transaction
+
+    def atomic(i: int) -> None:
+        with transaction.atomic():
+            func(i)
+
+    return atomic
+
+
+def run_block(func: Callable[[int], object], n: int, start: int, timed: bool) -> list[float]:
+    """Run ``func(start)`` … ``func(start + n - 1)``; their durations in µs when ``timed``."""
+    if timed:
+        return timed_block(func, n, start)
+    for i in range(start, start + n):
+        func(i)
+    return []
 
 
 def timed_block(op: Callable[[int], object], n: int, start: int = 0) -> list[float]:

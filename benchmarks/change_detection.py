@@ -48,8 +48,8 @@ from benchmarks import _common
 
 DATABASE = "cdp_bench_change_detection"
 ROWS = 10_000
-POOL = 50
-AMOUNTS = (Decimal("120.00"), Decimal("245.50"))
+AMOUNTS = _common.AMOUNTS
+POOL = _common.POOL
 SNAPSHOT = "_django_cdp_bench_snapshot"
 
 SAVE_VARIANTS = ("untracked", "SELECT", "snapshot")
@@ -230,29 +230,15 @@ class Bench:
             raise ValueError(name)
 
     def operation(self, variant: str, op: str, mode: str) -> Callable[[int], object]:
-        from django.db import transaction
-
         Payout, pool, pks = self.Payout, self.pool[variant], self.pool_pks[variant]
 
-        def toggle(payout) -> None:
-            payout.amount = AMOUNTS[1] if payout.amount == AMOUNTS[0] else AMOUNTS[0]
-            payout.save()
-
         def update(i: int) -> None:
-            toggle(pool[i % POOL])
+            _common.toggle_amount(pool[i % POOL])
 
         def get_update(i: int) -> None:
-            toggle(Payout.objects.get(pk=pks[i % POOL]))
+            _common.toggle_amount(Payout.objects.get(pk=pks[i % POOL]))
 
-        func = update if op == "update" else get_update
-        if mode == "autocommit":
-            return func
-
-        def atomic(i: int) -> None:
-            with transaction.atomic():
-                func(i)
-
-        return atomic
+        return _common.in_mode(update if op == "update" else get_update, mode)
 
     def run_updates(self, variant: str, op: str, mode: str, n: int, timed: bool) -> list[float]:
         func = self.operation(variant, op, mode)
@@ -265,12 +251,7 @@ class Bench:
                 pks = self.pool_pks[variant]
                 self.pool[variant][:] = list(self.Payout.objects.filter(pk__in=pks).order_by("pk"))
                 self.stale.discard(variant)
-            if timed:
-                out = _common.timed_block(func, n, start)
-            else:
-                for i in range(start, start + n):
-                    func(i)
-                out = []
+            out = _common.run_block(func, n, start, timed)
         if variant != "untracked":
             self.done["updated"] += n
         if op == "get + update":

@@ -53,8 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import _common
 
 DATABASE = "cdp_bench_save_path"
-AMOUNTS = (Decimal("120.00"), Decimal("245.50"))
-POOL = 50  # rows the updates cycle through
+AMOUNTS = _common.AMOUNTS
+POOL = _common.POOL
 VARIANTS = ("untracked", "plain Django", "django-cdp", "auditlog", "SDK track()")
 OPS = ("create", "update")
 MODES = ("atomic", "autocommit")
@@ -160,39 +160,22 @@ class Bench:
     # --- operations ------------------------------------------------------------------------
 
     def operation(self, op: str, mode: str) -> Callable[[int], object]:
-        from django.db import transaction
-
         Payout, shop, pool = self.Payout, self.shop, self.pool
 
         def create(i: int) -> None:
             Payout.objects.create(shop=shop, amount=AMOUNTS[i % 2], currency="EUR", status="paid")
 
         def update(i: int) -> None:
-            payout = pool[i % POOL]
-            payout.amount = AMOUNTS[1] if payout.amount == AMOUNTS[0] else AMOUNTS[0]
-            payout.save()
+            _common.toggle_amount(pool[i % POOL])
 
-        func = create if op == "create" else update
-        if mode == "autocommit":
-            return func
-
-        def atomic(i: int) -> None:
-            with transaction.atomic():
-                func(i)
-
-        return atomic
+        return _common.in_mode(create if op == "create" else update, mode)
 
     def run_ops(self, variant: str, op: str, mode: str, n: int, timed: bool) -> list[float]:
         func = self.operation(op, mode)
         start = self.cursor[op]
         self.cursor[op] += n
         with self.variant(variant):
-            if timed:
-                out = _common.timed_block(func, n, start)
-            else:
-                for i in range(start, start + n):
-                    func(i)
-                out = []
+            out = _common.run_block(func, n, start, timed)
         self.done[variant, op] += n
         return out
 
