@@ -33,6 +33,7 @@ import datetime
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from django.core.exceptions import FieldDoesNotExist
@@ -42,7 +43,9 @@ from django.utils import timezone
 from django_cdp import outbox, payloads
 from django_cdp.models import Message, TraitsDigest
 from django_cdp.registry import CREATED, ModelConfig, registry
+from django_cdp.rows import build_row
 from django_cdp.signals import message_created
+from django_cdp.validation import TrackingPlanViolation
 
 #: Field names tried, in order, for the timestamp of a historical ``Created`` event.
 CREATED_FIELDS = ("created_at", "created", "date_created", "created_on", "date_joined")
@@ -157,19 +160,13 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _write(rows: list[Message], digests: list[TraitsDigest], using: str) -> None:
+def _write(rows: list[Message], digests: list[tuple[str, str, str]], using: str) -> None:
     """One batch in one transaction: the messages, their digests, and the delivery kick."""
     from django_cdp.delivery import request_delivery
 
     with transaction.atomic(using=using):
         Message.objects.using(using).bulk_create(rows)
-        if digests:
-            TraitsDigest.objects.using(using).bulk_create(
-                digests,
-                update_conflicts=True,
-                unique_fields=["user_id"],
-                update_fields=["digest", "message_id", "updated_at"],
-            )
+        TraitsDigest.objects.using(using).upsert(digests)
         if message_created.has_listeners(Message):
             for row in rows:
                 message_created.send(sender=Message, message=row)
@@ -203,47 +200,53 @@ def backfill_identify(
         rows_by_pk, broken = _fetch(identity.model, identity.traits, pks, using, result)
         for pk in broken:
             _error(result, on_error, pk, "a foreign key on a trait path points to a missing row")
-        read: list[tuple[models.Model, str | None, dict[str, Any], str]] = []
+        read: list[tuple[models.Model, str | None, dict[str, Any] | None, str, str]] = []
         for pk in pks:
             obj = rows_by_pk.get(pk)
             if obj is None:
                 continue
+            # A failure is stored as a failed identify with its reason, as a change's would be.
             try:
                 user_id = outbox.resolve_owner(obj, config, using)[1]
-                traits = payloads.read_sources(obj, identity.traits)
-                read.append((obj, user_id, traits, payloads.traits_digest(traits)))
             except Exception as exc:
-                _error(result, on_error, pk, _describe(exc))
-        user_ids = [user_id for _, user_id, _, _ in read if user_id]
+                read.append((obj, None, None, "", f"owner: {_describe(exc)}"))
+                continue
+            try:
+                traits = payloads.read_sources(obj, identity.traits)
+            except payloads.PayloadError as exc:
+                read.append((obj, user_id, None, "", str(exc)))
+            else:
+                read.append((obj, user_id, traits, payloads.traits_digest(traits), ""))
+        user_ids = [user_id for _, user_id, _, _, _ in read if user_id]
         stored = dict(
             TraitsDigest.objects.using(using)
             .filter(user_id__in=user_ids)
             .values_list("user_id", "digest")
         )
         rows: list[Message] = []
-        digests: dict[str, TraitsDigest] = {}
-        now = timezone.now()
-        for obj, user_id, traits, digest in read:
-            if not force and user_id and stored.get(user_id) == digest:
+        digests: dict[str, tuple[str, str, str]] = {}
+        for obj, user_id, traits, digest, problem in read:
+            if not force and user_id and digest and stored.get(user_id) == digest:
                 result.unchanged += 1
                 result.done += 1
                 continue
+            message_id = payloads.new_message_id()
             try:
-                row = outbox.message_row(
-                    payloads.identify_message(user_id, traits),
+                row = build_row(
+                    partial(payloads.identify_message, user_id, traits, message_id=message_id),
+                    payloads.identify_message(user_id, {}, message_id=message_id),
                     instance=obj,
                     source=(identity.model, obj.pk),
+                    error=problem,
                 )
-            except Exception as exc:  # the ENRICH_MESSAGE hook, or a value it added
+            except TrackingPlanViolation as exc:  # VALIDATION = "raise"
                 _error(result, on_error, obj.pk, _describe(exc))
                 continue
             rows.append(row)
             result.done += 1
             if row.status == Message.Status.PENDING:
                 result.queued += 1
-                digests[row.user_id] = TraitsDigest(
-                    user_id=row.user_id, digest=digest, message_id=row.message_id, updated_at=now
-                )
+                digests[row.user_id] = (row.user_id, digest, row.message_id)
             else:
                 result.unsendable += 1
                 _error(
@@ -362,21 +365,31 @@ def backfill_created(
                 result.unchanged += 1
                 result.done += 1
                 continue
+            when = _when(getattr(obj, timestamp_field))
+            if when is None:
+                _error(result, on_error, pk, f"ValueError: {timestamp_field} is empty")
+                continue
             try:
-                when = _when(getattr(obj, timestamp_field))
-                if when is None:
-                    raise ValueError(f"{timestamp_field} is empty")
-                owner = outbox.resolve_owner(obj, config, using)
-                message = payloads.track_message(
-                    event,
-                    owner[1] if owner else None,
-                    payloads.properties_of(obj, config),
-                    integrations=config.integrations,
-                    when=when,
-                )
-                message["messageId"] = created_message_id(config, pk)
-                row = outbox.message_row(message, instance=obj, source=(config.model, pk))
+                owner, problem = outbox.resolve_owner(obj, config, using), ""
             except Exception as exc:
+                owner, problem = None, f"owner: {_describe(exc)}"
+            message = partial(
+                payloads.track_message,
+                event,
+                owner[1] if owner else None,
+                integrations=config.integrations,
+                when=when,
+                message_id=created_message_id(config, pk),
+            )
+            try:
+                row = build_row(
+                    lambda message=message, obj=obj: message(payloads.properties_of(obj, config)),
+                    message({}),
+                    instance=obj,
+                    source=(config.model, pk),
+                    error=problem,
+                )
+            except TrackingPlanViolation as exc:  # VALIDATION = "raise"
                 _error(result, on_error, pk, _describe(exc))
                 continue
             rows.append(row)

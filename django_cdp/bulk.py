@@ -29,18 +29,25 @@ def _config(model: type[models.Model]):
     return config
 
 
-def _before(model: type[models.Model], using: str, pks: list[Any], columns: list[str]) -> dict:
-    """Tracked column values of many rows, in one query."""
+def _before(model: type[models.Model], using: str, pks: list[Any], config) -> dict:
+    """Tracked column values of many rows as the database holds them, in one query."""
+    columns = list(config.tracked_columns)
     if not columns or not pks:
         return {}
     rows = model._base_manager.using(using).filter(pk__in=pks).values_list("pk", *columns)
     return {row[0]: dict(zip(columns, row[1:], strict=True)) for row in rows}
 
 
-def _record_updates(instances: Iterable[models.Model], before: dict, config, using: str) -> None:
+def _record_updates(
+    instances: Iterable[models.Model],
+    before: dict,
+    config,
+    using: str,
+    written: frozenset[str] | None,
+) -> None:
     for instance in instances:
         if instance.pk in before:
-            outbox.remember_before(instance, before[instance.pk])
+            outbox.remember_before(instance, before[instance.pk], written)
         outbox.guarded(outbox.after_save, instance, config, False, using)
 
 
@@ -81,13 +88,13 @@ def bulk_update(
     model = type(objs[0])
     config = _config(model)
     using = using or router.db_for_write(model)
-    columns = outbox.columns_to_compare(config, frozenset(fields))
+    written = outbox.written_columns(config, frozenset(fields))
     with transaction.atomic(using=using, savepoint=False):
         active = tracking_active()
-        before = _before(model, using, [o.pk for o in objs], columns) if active else {}
+        before = _before(model, using, [o.pk for o in objs], config) if active else {}
         count = model._default_manager.using(using).bulk_update(objs, fields, **kwargs)
         if active:
-            _record_updates(objs, before, config, using)
+            _record_updates(objs, before, config, using, written)
     return count
 
 
@@ -101,13 +108,13 @@ def queryset_update(queryset: models.QuerySet, **values: Any) -> int:
     model = queryset.model
     config = _config(model)
     using = queryset.db
-    columns = outbox.columns_to_compare(config, frozenset(values))
     with transaction.atomic(using=using, savepoint=False):
-        if not tracking_active() or not columns:
+        if not tracking_active():
             return queryset.update(**values)
         pks = list(queryset.values_list("pk", flat=True))
-        before = _before(model, using, pks, columns)
+        before = _before(model, using, pks, config)
         count = model._base_manager.using(using).filter(pk__in=pks).update(**values)
+        # Read back: the rows as the database holds them (expressions such as F() resolved).
         after = model._base_manager.using(using).filter(pk__in=pks)
-        _record_updates(after, before, config, using)
+        _record_updates(after, before, config, using, None)
     return count

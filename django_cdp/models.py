@@ -118,6 +118,48 @@ class Message(models.Model):
         return json.loads(self.payload)
 
 
+class TraitsDigestQuerySet(models.QuerySet):
+    """The one place that records and forgets the traits last identified per user.
+
+    Writers record a digest with the identify that carries it (:meth:`upsert`);
+    delivery forgets it when that identify is dead-lettered, the writer when it
+    is discarded in its transaction, and erasure with the user (:meth:`forget`),
+    so that the next change sends the traits again. Use it through the
+    database of the change: ``TraitsDigest.objects.using(alias).upsert(...)``.
+    """
+
+    def upsert(self, entries: list[tuple[str, str, str]]) -> None:
+        """Record ``(user_id, digest, message_id)`` per user, replacing what was there."""
+        if not entries:
+            return
+        now = timezone.now()
+        self.bulk_create(
+            [
+                TraitsDigest(user_id=u, digest=d, message_id=m, updated_at=now)
+                for u, d, m in entries
+            ],
+            update_conflicts=True,
+            unique_fields=["user_id"],
+            update_fields=["digest", "message_id", "updated_at"],
+        )
+
+    def forget(self, user_id: str, message_id: str | None = None) -> int:
+        """Forget a user's digest; with ``message_id``, only while that identify carries it."""
+        queryset = self.filter(user_id=user_id)
+        if message_id is not None:
+            queryset = queryset.filter(message_id=message_id)
+        return queryset.delete()[0]
+
+    def forget_identifies(self, identifies: list[tuple[str, str]]) -> int:
+        """Forget the digests carried by these ``(user_id, message_id)`` identifies."""
+        if not identifies:
+            return 0
+        match = Q()
+        for user_id, message_id in identifies:
+            match |= Q(user_id=user_id, message_id=message_id)
+        return self.filter(match).delete()[0]
+
+
 class TraitsDigest(models.Model):
     """The digest of the traits last identified for a user.
 
@@ -133,6 +175,8 @@ class TraitsDigest(models.Model):
         "messageId", max_length=64, help_text="The identify message that carried these traits."
     )
     updated_at = models.DateTimeField(default=timezone.now)
+
+    objects = TraitsDigestQuerySet.as_manager()
 
     class Meta:
         verbose_name = "traits digest"

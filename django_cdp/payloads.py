@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 from django.utils.functional import Promise
@@ -35,13 +36,17 @@ LIBRARY_NAME = "django-cdp"
 
 
 class PayloadError(ValueError):
-    """A value that cannot be sent as JSON; the message names the field it came from."""
+    """A value that cannot be sent as JSON, named by the property or trait it came from.
+
+    Its text is the reason a failed outbox row carries, e.g.
+    ``score: nan is not a JSON number``.
+    """
 
     def __init__(self, field: str, value: Any, reason: str = "") -> None:
         self.field = field
         self.value = value
         detail = reason or f"{type(value).__name__} is not JSON-serialisable"
-        super().__init__(f"cannot convert field {field!r}: {detail}")
+        super().__init__(f"{field}: {detail}")
 
 
 # --- values ------------------------------------------------------------------------------------
@@ -107,6 +112,35 @@ def json_value(value: Any, field: str) -> Any:
     raise PayloadError(field, value)
 
 
+def field_value(field: models.Field | None, value: Any, name: str) -> Any:
+    """The JSON form of ``value`` as the database holds it in ``field``.
+
+    The value goes through the field first, as it does on its way into the
+    database: ``to_python`` (an int assigned to a ``CharField`` is the string
+    the row holds) and, for a ``DecimalField``, its ``decimal_places``
+    (``Decimal("49.9")`` is stored, reloaded and sent as ``49.90``). A value
+    the field refuses is a :class:`PayloadError` naming ``name``.
+    """
+    if field is not None and value is not None:
+        try:
+            value = field.to_python(value)
+        except ValidationError as exc:
+            raise PayloadError(name, value, "; ".join(exc.messages)) from exc
+        if isinstance(field, models.DecimalField) and isinstance(value, decimal.Decimal):
+            value = _quantize(value, field)
+    return json_value(value, name)
+
+
+def _quantize(value: decimal.Decimal, field: models.DecimalField) -> decimal.Decimal:
+    if not value.is_finite() or field.decimal_places is None:
+        return value
+    context = decimal.Context(prec=max(field.max_digits or 28, 28))
+    try:
+        return value.quantize(decimal.Decimal(1).scaleb(-field.decimal_places), context=context)
+    except decimal.InvalidOperation:
+        return value  # too many digits: the database refuses the save itself
+
+
 def read_source(instance: models.Model, source: Source) -> Any:
     """The raw value of a property or trait on an instance (FK columns give the id)."""
     if source.kind == "column":
@@ -131,29 +165,65 @@ def joined_for(queryset: models.QuerySet, sources: tuple[Source, ...]) -> models
     return queryset.select_related(*related) if related else queryset
 
 
-def read_sources(instance: models.Model, sources: tuple[Source, ...]) -> dict[str, Any]:
-    return {s.name: json_value(read_source(instance, s), s.name) for s in sources}
+def read_sources(
+    instance: models.Model,
+    sources: tuple[Source, ...],
+    stored: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON values of ``sources`` on ``instance``.
+
+    ``stored`` maps attnames to the values the database holds where they differ
+    from the instance's (the columns a ``save(update_fields=...)`` left out).
+    A source that raises (a property, a method) is a :class:`PayloadError`
+    naming it.
+    """
+    values = {}
+    for source in sources:
+        if stored and source.kind == "column" and source.attname in stored:
+            raw = stored[source.attname]
+        else:
+            try:
+                raw = read_source(instance, source)
+            except Exception as exc:
+                raise PayloadError(
+                    source.name, None, f"{source.path} raised {type(exc).__name__}: {exc}"
+                ) from exc
+        values[source.name] = field_value(source.field, raw, source.name)
+    return values
 
 
-def properties_of(instance: models.Model, config: ModelConfig) -> dict[str, Any]:
+def values_of(row: dict[str, Any], sources: tuple[Source, ...]) -> dict[str, Any]:
+    """The JSON values of ``sources`` from a ``values()`` row keyed by their paths."""
+    return {s.name: field_value(s.field, row[s.path], s.name) for s in sources}
+
+
+def properties_of(
+    instance: models.Model, config: ModelConfig, stored: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The mapped properties of an object, plus its primary key as ``id``."""
     props = {"id": json_value(instance.pk, "id")}
-    props.update(read_sources(instance, config.properties))
+    props.update(read_sources(instance, config.properties, stored))
     return props
 
 
 # --- messages ----------------------------------------------------------------------------------
 
 
-def _base(kind: str, user_id: str | None, when: datetime.datetime | None) -> dict[str, Any]:
+def _base(
+    kind: str, user_id: str | None, when: datetime.datetime | None, message_id: str | None
+) -> dict[str, Any]:
     return {
         "type": kind,
         "userId": user_id,
-        "messageId": str(uuid.uuid4()),
+        "messageId": message_id or new_message_id(),
         "originalTimestamp": iso_timestamp(when or timezone.now()),
         "channel": "server",
         "context": {"library": {"name": LIBRARY_NAME, "version": __version__}},
     }
+
+
+def new_message_id() -> str:
+    return str(uuid.uuid4())
 
 
 def track_message(
@@ -163,8 +233,9 @@ def track_message(
     *,
     integrations: dict[str, Any] | None = None,
     when: datetime.datetime | None = None,
+    message_id: str | None = None,
 ) -> dict[str, Any]:
-    message = _base("track", user_id, when)
+    message = _base("track", user_id, when, message_id)
     message["event"] = event
     message["properties"] = properties
     message["integrations"] = integrations or {"All": True}
@@ -177,10 +248,11 @@ def identify_message(
     *,
     integrations: dict[str, Any] | None = None,
     when: datetime.datetime | None = None,
+    message_id: str | None = None,
 ) -> dict[str, Any]:
     """An identify with traits at the top level (Segment spec) and in ``context.traits``
     (where RudderStack's own SDK puts them), so destinations of either read them."""
-    message = _base("identify", user_id, when)
+    message = _base("identify", user_id, when, message_id)
     message["traits"] = traits
     message["context"]["traits"] = traits
     message["integrations"] = integrations or {"All": True}
@@ -221,9 +293,18 @@ def _default(value: Any) -> Any:
 
 
 def encode(message: dict[str, Any], *, sort_keys: bool = False) -> str:
-    """Compact JSON text of a message, exactly as it is stored and sent."""
+    """Compact JSON text of a message, exactly as it is stored and sent.
+
+    Raises ``ValueError`` for a non-finite float (say, one an ``ENRICH_MESSAGE``
+    hook added) and ``TypeError`` for a value JSON has no form for.
+    """
     text = json.dumps(
-        message, separators=(",", ":"), ensure_ascii=False, default=_default, sort_keys=sort_keys
+        message,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        default=_default,
+        sort_keys=sort_keys,
+        allow_nan=False,  # NaN and Infinity are not JSON: no data plane parses them
     )
     if _DECIMAL_MARK_ESCAPED in text:
         text = _DECIMAL_RE.sub(r"\1", text)

@@ -36,11 +36,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from django.db.models import Case, F, Value, When
 from jsonschema import Draft7Validator
 
 from django_cdp.dictionary import get_dictionary
-from django_cdp.models import Message
 from django_cdp.registry import registry
 from django_cdp.settings import cdp_settings
 
@@ -320,35 +318,3 @@ def validate(message: dict[str, Any]) -> Verdict:
         "; ".join(f"{v['type']}: {v['message']}" for v in violations),
     )
     return Verdict(violations, blocked)
-
-
-def rewrite_fields(verdict: Verdict) -> dict[str, Any]:
-    """Column updates for a row whose payload is rewritten (coalescing in one transaction).
-
-    The final payload is what is sent, so its verdict replaces the first one:
-    in ``block`` mode a pending row becomes blocked, and a blocked row whose
-    final payload conforms becomes pending again. A failed row stays failed.
-    """
-    fields: dict[str, Any] = {"violations": verdict.violations}
-    if cdp_settings.VALIDATION != "block":
-        return fields
-    pending, blocked = Message.Status.PENDING, Message.Status.BLOCKED
-    status = Message._meta.get_field("status")
-    last_error = Message._meta.get_field("last_error")
-    if verdict.blocked:
-        fields["status"] = Case(
-            When(status=pending, then=Value(blocked)), default=F("status"), output_field=status
-        )
-        fields["last_error"] = Case(
-            When(status__in=[pending, blocked], then=Value(verdict.summary)),
-            default=F("last_error"),
-            output_field=last_error,
-        )
-    else:
-        fields["status"] = Case(
-            When(status=blocked, then=Value(pending)), default=F("status"), output_field=status
-        )
-        fields["last_error"] = Case(
-            When(status=blocked, then=Value("")), default=F("last_error"), output_field=last_error
-        )
-    return fields

@@ -289,7 +289,7 @@ def test_track_created_uses_date_field_when_the_model_has_it(backfill, legacy_sh
     assert created["originalTimestamp"] == "2019-01-01T00:00:00Z"
 
 
-def test_a_row_whose_traits_raise_is_reported_with_its_pk_and_the_run_goes_on(
+def test_a_row_whose_traits_raise_is_stored_failed_with_its_reason_and_the_run_goes_on(
     backfill, legacy_shops, monkeypatch
 ):
     shops = legacy_shops(4)
@@ -308,11 +308,13 @@ def test_a_row_whose_traits_raise_is_reported_with_its_pk_and_the_run_goes_on(
         backfill("--batch-size", "2", stdout=out)
 
     assert exc.value.returncode == 1
-    assert "1 row(s) could not be read" in str(exc.value)
-    assert sorted(int(m["userId"]) for m in identifies()) == sorted(
-        s.pk for s in shops if s.pk != bad
+    pending = Message.objects.filter(type="identify", status="pending")
+    assert sorted(int(m.user_id) for m in pending) == sorted(s.pk for s in shops if s.pk != bad)
+    failed = Message.objects.get(status="failed")
+    assert failed.last_error == (
+        f"shops.Shop pk={bad}: risky: risky raised RuntimeError: the CRM is down"
     )
-    assert "identify: 3 queued, 0 skipped (unchanged), 1 error(s)" in out.getvalue()
+    assert "1 stored as failed" in out.getvalue()
 
 
 def test_an_enrich_hook_that_raises_is_reported_per_row(backfill, legacy_shops):
@@ -320,7 +322,10 @@ def test_an_enrich_hook_that_raises_is_reported_per_row(backfill, legacy_shops):
     settings = {**DJANGO_CDP, "ENRICH_MESSAGE": "tests.backfill.hooks.fail_for_odd"}
     with override_settings(DJANGO_CDP=settings), pytest.raises(CommandError):
         backfill()
-    assert len(identifies()) == 1
+    rows = Message.objects.filter(type="identify").order_by("id")
+    assert sorted(r.status for r in rows) == ["failed", "pending"]
+    (failed,) = [r for r in rows if r.status == "failed"]
+    assert failed.last_error.startswith(f"shops.Shop pk={failed.source_pk}: ")
     assert shops
 
 

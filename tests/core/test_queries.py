@@ -1,10 +1,11 @@
 """What a tracked create and update cost in SQL statements, pinned.
 
-Inside ``atomic()`` a tracked Payout create adds one statement to the user's
-INSERT: the message INSERT (a Payout cannot change its shop's traits, so they
-are not read back). An update adds the narrow read of the tracked columns
-before it. A change that can alter traits reads them together with their last
-digest in one SELECT.
+Inside ``atomic()`` a tracked Payout create adds two statements to the user's
+INSERT: the message INSERT, and one SELECT of the owner's traits with the
+digest of its last identify (every change re-identifies its owner when its
+traits differ; when they are unchanged nothing more is written). An update
+adds the narrow read of the tracked columns before it. Nothing of ours opens
+a transaction or savepoint inside the user's.
 """
 
 from __future__ import annotations
@@ -21,43 +22,64 @@ def statements(queries) -> list[str]:
 
 
 def test_tracked_create_inside_atomic(outbox, shop, django_assert_num_queries):
-    with django_assert_num_queries(4) as queries, transaction.atomic():
+    with django_assert_num_queries(5) as queries, transaction.atomic():
         Payout.objects.create(shop=shop, amount=Decimal("1.00"), currency="EUR")
-    assert statements(queries) == ["BEGIN", "INSERT", "INSERT", "COMMIT"]
+    assert statements(queries) == ["BEGIN", "INSERT", "SELECT", "INSERT", "COMMIT"]
 
 
 def test_tracked_update_inside_atomic(outbox, shop, django_assert_num_queries):
     payout = Payout.objects.create(shop=shop, amount=Decimal("1.00"), currency="EUR")
     payout.amount = Decimal("2.00")
-    with django_assert_num_queries(5) as queries, transaction.atomic():
+    with django_assert_num_queries(6) as queries, transaction.atomic():
         payout.save()
-    assert statements(queries) == ["BEGIN", "SELECT", "UPDATE", "INSERT", "COMMIT"]
+    assert statements(queries) == ["BEGIN", "SELECT", "UPDATE", "SELECT", "INSERT", "COMMIT"]
 
 
 def test_tracked_create_in_autocommit_adds_one_insert_and_no_transaction(
     outbox, shop, django_assert_num_queries
 ):
-    with django_assert_num_queries(2) as queries:
+    with django_assert_num_queries(3) as queries:
         Payout.objects.create(shop=shop, amount=Decimal("1.00"), currency="EUR")
-    assert statements(queries) == ["INSERT", "INSERT"]
+    assert statements(queries) == ["INSERT", "SELECT", "INSERT"]
 
 
 def test_tracked_update_in_autocommit(outbox, shop, django_assert_num_queries):
     payout = Payout.objects.create(shop=shop, amount=Decimal("1.00"), currency="EUR")
     payout.amount = Decimal("2.00")
-    with django_assert_num_queries(3) as queries:
+    with django_assert_num_queries(4) as queries:
         payout.save()
-    assert statements(queries) == ["SELECT", "UPDATE", "INSERT"]
+    assert statements(queries) == ["SELECT", "UPDATE", "SELECT", "INSERT"]
 
 
-def test_save_without_a_tracked_change_costs_one_narrow_read(
+def test_save_without_a_tracked_change_reads_the_columns_and_the_traits(
     outbox, shop, django_assert_num_queries
 ):
     payout = Payout.objects.create(shop=shop, amount=Decimal("1.00"), currency="EUR")
-    with django_assert_num_queries(2) as queries:
+    with django_assert_num_queries(3) as queries:
         payout.save()
-    assert statements(queries) == ["SELECT", "UPDATE"]
+    assert statements(queries) == ["SELECT", "UPDATE", "SELECT"]
     assert outbox.events() == ["Payout Created"]
+
+
+def test_a_never_identified_owner_is_identified_at_its_first_tracked_change(
+    outbox, shop, django_assert_num_queries
+):
+    from django_cdp.models import TraitsDigest
+
+    TraitsDigest.objects.all().delete()  # as if the shop predates django-cdp
+    with django_assert_num_queries(7) as queries, transaction.atomic():
+        Payout.objects.create(shop=shop, amount=Decimal("1.00"), currency="EUR")
+    # the payout, the traits with their digest, the track, the identify, the digest upsert
+    assert statements(queries) == [
+        "BEGIN",
+        "INSERT",
+        "SELECT",
+        "INSERT",
+        "INSERT",
+        "INSERT",
+        "COMMIT",
+    ]
+    assert outbox.identifies()[0]["userId"] == str(shop.pk)
 
 
 def test_changed_identity_costs_an_identify_insert_and_a_digest_upsert(
@@ -66,21 +88,20 @@ def test_changed_identity_costs_an_identify_insert_and_a_digest_upsert(
     shop.email = "new@acme.example"
     with django_assert_num_queries(6) as queries:
         shop.save(update_fields=["email"])  # email is a trait, not a tracked property
-    assert statements(queries) == ["UPDATE", "BEGIN", "SELECT", "INSERT", "INSERT", "COMMIT"]
+    assert statements(queries) == ["UPDATE", "SELECT", "BEGIN", "INSERT", "INSERT", "COMMIT"]
 
 
-def test_with_send_unchanged_identify_every_change_reads_and_sends_traits(
+def test_with_send_unchanged_identify_every_change_sends_traits(
     outbox, shop, settings, django_assert_num_queries
 ):
     settings.DJANGO_CDP = {**settings.DJANGO_CDP, "SEND_UNCHANGED_IDENTIFY": True}
     with django_assert_num_queries(7) as queries, transaction.atomic():
         Payout.objects.create(shop=shop, amount=Decimal("1.00"), currency="EUR")
-    # the payout, its track, traits + digest in one read, the identify, the digest upsert
     assert statements(queries) == [
         "BEGIN",
         "INSERT",
-        "INSERT",
         "SELECT",
+        "INSERT",
         "INSERT",
         "INSERT",
         "COMMIT",

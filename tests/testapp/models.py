@@ -63,3 +63,26 @@ class Member(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user_id} of {self.shop_id}"
+
+
+class Reading(models.Model):
+    """A shop's sensor reading: the trust suite's values that cannot always be sent.
+
+    ``score`` may hold ``inf`` (not a JSON number), ``blob`` holds bytes (no JSON
+    form), and the ``checked_label`` property raises when ``label`` says so.
+    """
+
+    shop = models.ForeignKey(Shop, null=True, on_delete=models.CASCADE, related_name="readings")
+    score = models.FloatField(default=0.0)
+    ratio = models.DecimalField(max_digits=8, decimal_places=2, default=0)
+    label = models.CharField(max_length=50, default="ok")
+    blob = models.BinaryField(default=b"", blank=True)
+
+    def __str__(self) -> str:
+        return f"reading {self.pk}"
+
+    @property
+    def checked_label(self) -> str:
+        if self.label == "raise":
+            raise ValueError("the label says raise")
+        return self.label
