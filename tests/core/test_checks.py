@@ -54,7 +54,7 @@ def test_the_example_configuration_has_no_errors():
         ({"IDENTITY/user_id": "uid"}, "E002", "['IDENTITY']['user_id']"),
         ({"MODELS/payouts.Payot": {}}, "E003", "'payouts.Payot'"),
         ({"IDENTITY/traits/plan": "plan__nme"}, "E004", "['traits']['plan']"),
-        ({f"{PAYOUT}/properties": ["amount", "amont"]}, "E005", "['properties']['amont']"),
+        ({f"{PAYOUT}/properties": ["amount", "amont"]}, "E005", "['properties'][1] = 'amont'"),
         ({f"{PAYOUT}/properties": {"x": "shop__nope"}}, "E005", "['properties']['x']"),
         ({f"{PAYOUT}/owner": DELETE}, "E006", "['owner']"),
         ({f"{PAYOUT}/owner": "currency"}, "E006", "['owner'] = 'currency'"),
@@ -113,3 +113,172 @@ def test_w001_warns_when_there_is_nowhere_to_send():
         DJANGO_CDP={**GOOD, "WRITE_KEY": "k", "DATA_PLANE_URL": "http://127.0.0.1:1"}
     ):
         assert "django_cdp.W001" not in [m.id for m in check_delivery()]
+
+
+# --- what the messages say: why, and the name that was meant ----------------------------------
+
+WORKSPACE = "MODELS/testapp.WorkspaceProject"
+
+
+@pytest.mark.parametrize(
+    ("changes", "check_id", "says"),
+    [
+        (
+            {"SEND_UNCHANGD_IDENTIFY": True},
+            "E001",
+            ["['SEND_UNCHANGD_IDENTIFY']", "Did you mean 'SEND_UNCHANGED_IDENTIFY'?"],
+        ),
+        ({"IDENTITY/trait": {}}, "E002", ["['IDENTITY']['trait']", "Did you mean 'traits'?"]),
+        (
+            {"IDENTITY/model": "shops.Shopp"},
+            "E002",
+            ["['IDENTITY']['model'] = 'shops.Shopp'", "Did you mean 'shops.Shop'?"],
+        ),
+        (
+            {"IDENTITY/user_id": "domian"},
+            "E002",
+            ["['IDENTITY']['user_id'] = 'domian'", "Did you mean 'domain'?"],
+        ),
+        (
+            {"MODELS/payouts.Payot": {}},
+            "E003",
+            ["['payouts.Payot']", "Did you mean 'payouts.Payout'?"],
+        ),
+        (
+            {"IDENTITY/traits/plan": "plan__nme"},
+            "E004",
+            ["['traits']['plan'] = 'plan__nme'", "'nme' is not a field of shops.Plan.", "'name'?"],
+        ),
+        (
+            {"IDENTITY/traits/payouts": "payout_cont"},
+            "E004",
+            ["['traits']['payouts'] = 'payout_cont'", "Did you mean 'payout_count'?"],
+        ),
+        (
+            {f"{PAYOUT}/properties": ["amount", "bogus"]},
+            "E005",
+            ["['payouts.Payout']['properties'][1] = 'bogus'", "not a field of payouts.Payout"],
+        ),
+        (
+            {f"{PAYOUT}/properties": {"x": "shop__nope"}},
+            "E005",
+            ["['properties']['x'] = 'shop__nope'", "'nope' is not a field of shops.Shop."],
+        ),
+        (
+            {WORKSPACE: {"owner": "shop", "properties": {"name": "title__name"}}},
+            "E005",
+            [
+                "['properties']['name'] = 'title__name'",
+                "'title' is a CharField of testapp.WorkspaceProject, not a foreign key",
+            ],
+        ),
+        (
+            {WORKSPACE: {"owner": "shop", "properties": ["members"]}},
+            "E005",
+            ["['properties'][0] = 'members'", "'members' is not a field"],
+        ),
+        (
+            {f"{PAYOUT}/owner": "currency"},
+            "E006",
+            ["['owner'] = 'currency'", "'currency' is a CharField of payouts.Payout"],
+        ),
+        ({f"{PAYOUT}/owner": DELETE}, "E006", ["['owner'] is missing"]),
+        ({f"{PAYOUT}/propertys": ["amount"]}, "E008", ["['propertys']", "'properties'?"]),
+    ],
+)
+def test_the_message_says_why_and_suggests_the_name_that_was_meant(changes, check_id, says):
+    found = problems(broken(**changes))
+    assert [p.id for p in found] == [f"django_cdp.{check_id}"], found
+    for text in says:
+        assert text in found[0].msg, found[0].msg
+
+
+def test_the_owner_hint_names_the_foreign_key_that_leads_to_the_identity_model():
+    (found,) = problems(broken(**{f"{PAYOUT}/owner": "currency"}))
+    assert "here 'shop'" in found.hint
+
+
+def test_a_path_that_failed_is_never_suggested_back():
+    # 'title' is a field, so a suggestion among field names would offer the failing value.
+    config = broken(**{WORKSPACE: {"owner": "shop", "properties": {"title": "title__name"}}})
+    (found,) = problems(config)
+    assert "Did you mean" not in found.msg
+    assert "title__name" not in found.hint
+    (found,) = problems(broken(**{f"{PAYOUT}/owner": "shop__plan"}))
+    assert "it leads to shops.Plan" in found.msg
+    assert "'shop__plan'" not in found.hint
+
+
+def test_hints_link_to_the_docs_page():
+    (found,) = problems(broken(**{f"{PAYOUT}/owner": "currency"}))
+    assert found.hint.endswith("See django-cdp/docs/tracking.md#configuration-errors.")
+    (found,) = problems(broken(**{"MAX_MESSAGE_BYTES": "32k"}))
+    assert found.hint.endswith("See django-cdp/README.md#the-django_cdp-settings-dict.")
+
+
+# --- the settings table -----------------------------------------------------------------------
+
+
+def test_every_setting_has_a_default_of_its_type_and_a_doc():
+    from django_cdp.registry import _type_ok
+    from django_cdp.settings import SETTINGS
+
+    for name, setting in SETTINGS.items():
+        # IDENTITY has no usable default: leaving it out is check E002.
+        assert setting.default is None or _type_ok(setting.default, setting.types), name
+        assert setting.doc.strip(), name
+
+
+def test_the_readme_documents_every_setting():
+    from pathlib import Path
+
+    from django_cdp.settings import SETTINGS
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert [name for name in SETTINGS if f"`{name}`" not in readme] == []
+
+
+def test_a_wrong_type_is_reported_with_the_meaning_and_default_from_the_table():
+    from django_cdp.settings import SETTINGS
+
+    (found,) = problems(broken(MAX_MESSAGE_BYTES="32k"))
+    assert found.msg == "DJANGO_CDP['MAX_MESSAGE_BYTES'] must be int, not str."
+    assert SETTINGS["MAX_MESSAGE_BYTES"].doc in found.hint
+    assert "Default: 32768." in found.hint
+
+
+def test_enrich_message_reads_as_the_imported_function():
+    from django_cdp.settings import cdp_settings
+    from tests.core import hooks
+
+    with override_settings(DJANGO_CDP={**GOOD, "ENRICH_MESSAGE": "tests.core.hooks.add_app"}):
+        assert cdp_settings.ENRICH_MESSAGE is hooks.add_app
+    assert cdp_settings.ENRICH_MESSAGE is None
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("tests.core.hooks.add_ap", "cannot be imported: ImportError: Module"),
+        ("tests.core.no_such_module.enrich", "cannot be imported: ModuleNotFoundError"),
+        ("tests.core.hooks.__doc__", "is a str, not a function"),
+    ],
+)
+def test_an_enrich_path_that_does_not_import_is_a_check_error_naming_key_and_path(path, reason):
+    (found,) = problems(broken(ENRICH_MESSAGE=path))
+    assert found.id == "django_cdp.E001"
+    assert found.msg.startswith(f"DJANGO_CDP['ENRICH_MESSAGE'] = {path!r} ")
+    assert reason in found.msg
+
+
+def test_a_save_with_a_broken_enrich_path_logs_the_key_and_path(outbox, shop, caplog):
+    from decimal import Decimal
+
+    from example_project.payouts.models import Payout
+
+    with override_settings(DJANGO_CDP={**GOOD, "ENRICH_MESSAGE": "tests.core.hooks.nope"}):
+        Payout.objects.create(shop=shop, amount=Decimal("1"), currency="EUR")
+    assert outbox.rows() == []
+    assert "DJANGO_CDP['ENRICH_MESSAGE'] = 'tests.core.hooks.nope' cannot be imported" in (
+        caplog.text
+    )
