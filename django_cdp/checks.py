@@ -2,28 +2,34 @@
 
 Ids are stable (users silence them by id):
 
-- ``E001`` unknown top-level key or wrong type; ``E002`` identity missing or unknown;
+- ``E001`` unknown top-level key, wrong type, or an ``ENRICH_MESSAGE`` that does not import;
+  ``E002`` identity missing or unknown;
   ``E003`` unknown model label; ``E004`` broken trait path; ``E005`` broken property path;
   ``E006`` owner missing or not reaching the identity model; ``E007`` unknown event kind;
   ``E008`` unknown per-model key; ``E009`` broken ``EVENTS`` entry or unknown ``VALIDATION``
   mode; ``E010`` broken ``LOGIN`` (unknown key, owner path or function not found);
   ``E011`` broken ``FRONTEND`` (unknown key or SDK, missing ``SDK_URL``, unknown trait).
 - ``W001`` no write key or data plane URL: messages wait as pending.
+- ``W002`` ``DELIVERY = "celery"`` but no Celery broker configured.
 - ``I001`` the outbox database cannot ``SKIP LOCKED``: run a single delivery worker.
 
-None of these reads the database, so ``check`` works before ``migrate``.
+None of these queries the database or connects to the broker, so ``check`` works before
+``migrate`` and without a broker running.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings as django_settings
 from django.core import checks
 from django.db import connections
 
 from django_cdp import dictionary, frontend, login
-from django_cdp.registry import registry
+from django_cdp.registry import DOCS_BASE, SETTINGS_DOC, registry
 from django_cdp.settings import SETTING_NAME, cdp_settings
+
+DELIVERY_DOC = "docs/delivery.md"
 
 
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
@@ -39,8 +45,20 @@ def check_delivery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                 f"{SETTING_NAME}[{missing[0]!r}] is empty: messages are stored as pending "
                 "and nothing is sent.",
                 hint="Set " + " and ".join(missing) + " (for example from the environment), "
-                "or SEND = False to record messages as skipped.",
+                f"or SEND = False to record messages as skipped. See {DOCS_BASE}{SETTINGS_DOC}.",
                 id="django_cdp.W001",
+            )
+        )
+    if cdp_settings.DELIVERY == "celery" and not celery_broker_configured():
+        messages.append(
+            checks.Warning(
+                f"{SETTING_NAME}['DELIVERY'] is 'celery' but no Celery broker is configured: "
+                "each commit would try Celery's default amqp://localhost and the messages "
+                "would wait in the outbox.",
+                hint="Configure a broker (CELERY_BROKER_URL, read by your Celery app), or set "
+                f"{SETTING_NAME}['DELIVERY'] = 'manual' and run `manage.py cdp_deliver` "
+                f"(--loop, or from cron). See {DOCS_BASE}{DELIVERY_DOC}.",
+                id="django_cdp.W002",
             )
         )
     for alias in connections:
@@ -56,6 +74,27 @@ def check_delivery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                 )
             )
     return messages
+
+
+def celery_broker_configured() -> bool:
+    """Whether Celery has a broker URL, read from configuration only (nothing connects).
+
+    The delivery task publishes through the current Celery app, whose
+    ``broker_write_url`` falls back to ``broker_url`` and the ``CELERY_BROKER_URL``
+    environment variable. Django's ``CELERY_BROKER_URL`` / ``BROKER_URL`` count
+    too: the project's Celery app reads them, even when it has not been imported in
+    this process yet (then ``current_app`` is Celery's unconfigured default app).
+    An eager app runs the task in-process and needs no broker.
+    """
+    from celery import current_app
+
+    conf = current_app.conf
+    return bool(
+        conf.task_always_eager
+        or conf.broker_write_url
+        or getattr(django_settings, "CELERY_BROKER_URL", None)
+        or getattr(django_settings, "BROKER_URL", None)
+    )
 
 
 def register() -> None:

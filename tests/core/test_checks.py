@@ -282,3 +282,75 @@ def test_a_save_with_a_broken_enrich_path_logs_the_key_and_path(outbox, shop, ca
     assert "DJANGO_CDP['ENRICH_MESSAGE'] = 'tests.core.hooks.nope' cannot be imported" in (
         caplog.text
     )
+
+
+# --- W002: Celery delivery without a broker ---------------------------------------------------
+
+
+@pytest.fixture
+def celery_app(monkeypatch):
+    """Make a fresh Celery app current (no broker unless given), restoring the previous one."""
+    from celery import Celery, _state
+
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+    monkeypatch.delenv("CELERY_BROKER_WRITE_URL", raising=False)
+    previous = _state.get_current_app()
+
+    def make(**conf):
+        app = Celery("w002", set_as_current=False)
+        app.conf.update(conf)
+        app.set_current()
+        return app
+
+    yield make
+    previous.set_current()
+
+
+def w002(**cdp) -> bool:
+    from django_cdp.checks import check_delivery
+
+    with override_settings(DJANGO_CDP={**GOOD, **cdp}):
+        return "django_cdp.W002" in [m.id for m in check_delivery()]
+
+
+def test_w002_warns_when_celery_delivery_has_no_broker(celery_app):
+    from django_cdp.checks import check_delivery
+
+    celery_app()
+    with override_settings(DJANGO_CDP={**GOOD, "DELIVERY": "celery"}):
+        (found,) = [m for m in check_delivery() if m.id == "django_cdp.W002"]
+    assert "['DELIVERY'] is 'celery' but no Celery broker is configured" in found.msg
+    assert "CELERY_BROKER_URL" in found.hint
+    assert "'manual'" in found.hint and "cdp_deliver" in found.hint
+    assert not w002(DELIVERY="manual")
+
+
+@pytest.mark.parametrize(
+    "configure",
+    [
+        pytest.param(lambda app, settings, env: app(broker_url="redis://127.0.0.1:9/0"), id="app"),
+        pytest.param(
+            lambda app, settings, env: app(broker_write_url="redis://127.0.0.1:9/0"), id="write"
+        ),
+        pytest.param(lambda app, settings, env: app(task_always_eager=True), id="eager"),
+        pytest.param(
+            lambda app, settings, env: env.setenv("CELERY_BROKER_URL", "redis://127.0.0.1:9/0"),
+            id="environment",
+        ),
+        pytest.param(
+            lambda app, settings, env: setattr(settings, "CELERY_BROKER_URL", "memory://"),
+            id="django-settings",
+        ),
+        pytest.param(
+            lambda app, settings, env: setattr(settings, "BROKER_URL", "memory://"),
+            id="old-django-setting",
+        ),
+    ],
+)
+def test_no_w002_when_a_broker_is_configured_anywhere_celery_reads_it(
+    configure, celery_app, settings, monkeypatch
+):
+    celery_app()
+    configure(celery_app, settings, monkeypatch)
+    # Port 9 answers nothing: a check that connected would fail or hang here.
+    assert not w002(DELIVERY="celery")
