@@ -11,10 +11,12 @@ Ids are stable (users silence them by id):
   ``E011`` broken ``FRONTEND`` (unknown key or SDK, missing ``SDK_URL``, unknown trait).
 - ``W001`` no write key or data plane URL: messages wait as pending.
 - ``W002`` ``DELIVERY = "celery"`` but no Celery broker configured.
-- ``I001`` the outbox database cannot ``SKIP LOCKED``: run a single delivery worker.
+- ``I001`` a database that holds the outbox cannot ``SKIP LOCKED``: run a single delivery
+  worker. A database check: shown by ``migrate`` and ``check --database <alias>``, not by
+  every command.
 
-None of these queries the database or connects to the broker, so ``check`` works before
-``migrate`` and without a broker running.
+None of these queries a table or connects to the broker, so ``check`` works before
+``migrate`` and without a broker running (I001 asks only the backend's features).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from typing import Any
 
 from django.conf import settings as django_settings
 from django.core import checks
-from django.db import connections
+from django.db import connections, router
 
 from django_cdp import dictionary, frontend, login
+from django_cdp.models import Message
 from django_cdp.registry import DOCS_BASE, SETTINGS_DOC, registry
 from django_cdp.settings import SETTING_NAME, cdp_settings
 
@@ -61,18 +64,6 @@ def check_delivery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                 id="django_cdp.W002",
             )
         )
-    for alias in connections:
-        features = connections[alias].features
-        if not features.has_select_for_update_skip_locked:
-            messages.append(
-                checks.Info(
-                    f"Database {alias!r} ({connections[alias].vendor}) cannot claim outbox "
-                    "rows with SELECT ... FOR UPDATE SKIP LOCKED.",
-                    hint="django-cdp claims with a conditional UPDATE there: run a single "
-                    "delivery worker for it (fine for development).",
-                    id="django_cdp.I001",
-                )
-            )
     return messages
 
 
@@ -97,9 +88,41 @@ def celery_broker_configured() -> bool:
     )
 
 
+def check_outbox_databases(
+    app_configs: Any = None, databases: list[str] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """I001 for each database given that holds the outbox and cannot ``SKIP LOCKED``.
+
+    Registered with the ``database`` tag, so Django passes ``databases`` only for
+    ``migrate`` (the database being migrated) and ``check --database``: the note
+    appears when the outbox is created on such a database, not on every
+    ``runserver`` or ``shell``. A database the router keeps the outbox off
+    (``allow_migrate`` false for ``Message``) is not mentioned.
+    """
+    messages: list[checks.CheckMessage] = []
+    for alias in databases or ():
+        connection = connections[alias]
+        if not router.allow_migrate_model(alias, Message):
+            continue
+        if connection.features.has_select_for_update_skip_locked:
+            continue
+        messages.append(
+            checks.Info(
+                f"Database {alias!r} ({connection.vendor}) cannot claim outbox "
+                "rows with SELECT ... FOR UPDATE SKIP LOCKED.",
+                hint="django-cdp claims with a conditional UPDATE there: run a single "
+                "delivery worker for it (fine for development). "
+                f"See {DOCS_BASE}{DELIVERY_DOC}#sqlite.",
+                id="django_cdp.I001",
+            )
+        )
+    return messages
+
+
 def register() -> None:
     checks.register(check_settings, "django_cdp")
     checks.register(check_delivery, "django_cdp")
+    checks.register(check_outbox_databases, "django_cdp", checks.Tags.database)
     checks.register(dictionary.check_plan, "django_cdp")
     checks.register(login.check_login, "django_cdp")
     checks.register(frontend.check_frontend, "django_cdp")

@@ -354,3 +354,57 @@ def test_no_w002_when_a_broker_is_configured_anywhere_celery_reads_it(
     configure(celery_app, settings, monkeypatch)
     # Port 9 answers nothing: a check that connected would fail or hang here.
     assert not w002(DELIVERY="celery")
+
+
+# --- I001: only for the databases that hold the outbox, only where databases are checked -------
+
+
+def test_i001_is_not_shown_by_commands_that_check_no_database():
+    from django.core.checks import run_checks
+
+    from django_cdp.checks import check_outbox_databases
+
+    assert check_outbox_databases() == []
+    assert "django_cdp.I001" not in [m.id for m in run_checks()]
+
+
+def test_i001_once_for_each_given_database_that_cannot_skip_locked():
+    from django.db import connections
+
+    from django_cdp.checks import check_outbox_databases
+
+    found = check_outbox_databases(databases=["default", "other"])
+    expected = [
+        alias
+        for alias in ("default", "other")
+        if not connections[alias].features.has_select_for_update_skip_locked
+    ]
+    assert [m.id for m in found] == ["django_cdp.I001"] * len(expected)
+    assert [m.msg.split("'")[1] for m in found] == expected
+    assert "other" in expected  # the second alias is SQLite on both test databases
+
+
+class OutboxOnDefaultOnly:
+    def allow_migrate(self, db, app_label, **hints):
+        return db == "default" if app_label == "django_cdp" else None
+
+
+def test_i001_skips_a_database_the_router_keeps_the_outbox_off():
+    from django_cdp.checks import check_outbox_databases
+
+    with override_settings(DATABASE_ROUTERS=[OutboxOnDefaultOnly()]):
+        assert check_outbox_databases(databases=["other"]) == []
+
+
+# Django 6.1's check command asks every database whether it supports JSONField.
+@pytest.mark.django_db(databases="__all__")
+def test_check_database_shows_i001_once():
+    from io import StringIO
+
+    def output(**options) -> str:
+        out, err = StringIO(), StringIO()
+        call_command("check", stdout=out, stderr=err, **options)
+        return out.getvalue() + err.getvalue()
+
+    assert output(databases=["other"]).count("django_cdp.I001") == 1
+    assert "django_cdp.I001" not in output()
