@@ -5,10 +5,13 @@ Projects configure django-cdp with a single dict in their settings module::
     DJANGO_CDP = {"WRITE_KEY": "...", "DATA_PLANE_URL": "...", "IDENTITY": {...}, "MODELS": {...}}
 
 Everything in django-cdp reads it through :data:`cdp_settings`, never through
-``django.conf.settings`` directly, so that defaults live in one place and
-``override_settings(DJANGO_CDP=...)`` in tests takes effect at once (the cache
-is dropped on Django's ``setting_changed`` signal). Nothing here validates:
-``django_cdp.checks`` reports a bad dict through ``manage.py check``, naming the key.
+``django.conf.settings`` directly, so that ``override_settings(DJANGO_CDP=...)``
+in tests takes effect at once (the cache is dropped on Django's
+``setting_changed`` signal). As in Django REST framework's ``api_settings``, every
+key's default, types and meaning are in one table (:data:`SETTINGS`) and dotted
+paths are returned imported (:data:`IMPORT_STRINGS`). Nothing here validates:
+``django_cdp.registry`` turns a bad dict into messages of ``manage.py check``
+(``django_cdp.checks``), naming the key, using the same table.
 """
 
 from __future__ import annotations
