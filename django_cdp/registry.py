@@ -546,13 +546,16 @@ def fk_path_problem(
     return None
 
 
-def _field(model: type[models.Model], name: str, extra: Iterable[str] = ()) -> tuple[Any, str]:
+def _field(model: type[models.Model], name: str, *, or_attribute: bool = False) -> tuple[Any, str]:
     """``(field, "")``, or ``(None, why)`` naming the model and the closest of its fields
-    (or of ``extra`` names, such as its properties)."""
+    (and of its properties and methods, where those are allowed). The candidates are
+    only listed on failure: parsing a good configuration pays nothing for them."""
     try:
         return model._meta.get_field(name), ""
     except FieldDoesNotExist:
-        known = [f.name for f in model._meta.get_fields()] + list(extra)
+        known = [f.name for f in model._meta.get_fields()]
+        if or_attribute:
+            known += _attribute_names(model)
         return None, f"{name!r} is not a field of {model._meta.label}.{did_you_mean(name, known)}"
 
 
@@ -662,7 +665,7 @@ def _resolve_source(model: type[models.Model], name: Any, path: Any) -> Source |
     if hops:
         f, why = _field(current, last)
     else:
-        f, why = _field(model, last, _attribute_names(model))
+        f, why = _field(model, last, or_attribute=True)
         if f is None and _is_attribute(getattr(model, last, None)):
             return Source(name=name, path=path, kind="attribute")
     if f is None:
