@@ -2,28 +2,37 @@
 
 Ids are stable (users silence them by id):
 
-- ``E001`` unknown top-level key or wrong type; ``E002`` identity missing or unknown;
+- ``E001`` unknown top-level key, wrong type, or an ``ENRICH_MESSAGE`` that does not import;
+  ``E002`` identity missing or unknown;
   ``E003`` unknown model label; ``E004`` broken trait path; ``E005`` broken property path;
   ``E006`` owner missing or not reaching the identity model; ``E007`` unknown event kind;
   ``E008`` unknown per-model key; ``E009`` broken ``EVENTS`` entry or unknown ``VALIDATION``
   mode; ``E010`` broken ``LOGIN`` (unknown key, owner path or function not found);
   ``E011`` broken ``FRONTEND`` (unknown key or SDK, missing ``SDK_URL``, unknown trait).
 - ``W001`` no write key or data plane URL: messages wait as pending.
-- ``I001`` the outbox database cannot ``SKIP LOCKED``: run a single delivery worker.
+- ``W002`` ``DELIVERY = "celery"`` but no Celery broker configured.
+- ``I001`` a database that holds the outbox cannot ``SKIP LOCKED``: run a single delivery
+  worker. A database check: shown by ``migrate`` and ``check --database <alias>``, not by
+  every command.
 
-None of these reads the database, so ``check`` works before ``migrate``.
+None of these queries a table or connects to the broker, so ``check`` works before
+``migrate`` and without a broker running (I001 asks only the backend's features).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings as django_settings
 from django.core import checks
-from django.db import connections
+from django.db import connections, router
 
 from django_cdp import dictionary, frontend, login
-from django_cdp.registry import registry
+from django_cdp.models import Message
+from django_cdp.registry import DOCS_BASE, SETTINGS_DOC, registry
 from django_cdp.settings import SETTING_NAME, cdp_settings
+
+DELIVERY_DOC = "docs/delivery.md"
 
 
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
@@ -39,28 +48,81 @@ def check_delivery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                 f"{SETTING_NAME}[{missing[0]!r}] is empty: messages are stored as pending "
                 "and nothing is sent.",
                 hint="Set " + " and ".join(missing) + " (for example from the environment), "
-                "or SEND = False to record messages as skipped.",
+                f"or SEND = False to record messages as skipped. See {DOCS_BASE}{SETTINGS_DOC}.",
                 id="django_cdp.W001",
             )
         )
-    for alias in connections:
-        features = connections[alias].features
-        if not features.has_select_for_update_skip_locked:
-            messages.append(
-                checks.Info(
-                    f"Database {alias!r} ({connections[alias].vendor}) cannot claim outbox "
-                    "rows with SELECT ... FOR UPDATE SKIP LOCKED.",
-                    hint="django-cdp claims with a conditional UPDATE there: run a single "
-                    "delivery worker for it (fine for development).",
-                    id="django_cdp.I001",
-                )
+    if cdp_settings.DELIVERY == "celery" and not celery_broker_configured():
+        messages.append(
+            checks.Warning(
+                f"{SETTING_NAME}['DELIVERY'] is 'celery' but no Celery broker is configured: "
+                "each commit would try Celery's default amqp://localhost and the messages "
+                "would wait in the outbox.",
+                hint="Configure a broker (CELERY_BROKER_URL, read by your Celery app), or set "
+                f"{SETTING_NAME}['DELIVERY'] = 'manual' and run `manage.py cdp_deliver` "
+                f"(--loop, or from cron). See {DOCS_BASE}{DELIVERY_DOC}.",
+                id="django_cdp.W002",
             )
+        )
+    return messages
+
+
+def celery_broker_configured() -> bool:
+    """Whether Celery has a broker URL, read from configuration only (nothing connects).
+
+    The delivery task publishes through the current Celery app, whose
+    ``broker_write_url`` falls back to ``broker_url`` and the ``CELERY_BROKER_URL``
+    environment variable. Django's ``CELERY_BROKER_URL`` / ``BROKER_URL`` count
+    too: the project's Celery app reads them, even when it has not been imported in
+    this process yet (then ``current_app`` is Celery's unconfigured default app).
+    An eager app runs the task in-process and needs no broker.
+    """
+    from celery import current_app
+
+    conf = current_app.conf
+    return bool(
+        conf.task_always_eager
+        or conf.broker_write_url
+        or getattr(django_settings, "CELERY_BROKER_URL", None)
+        or getattr(django_settings, "BROKER_URL", None)
+    )
+
+
+def check_outbox_databases(
+    app_configs: Any = None, databases: list[str] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """I001 for each database given that holds the outbox and cannot ``SKIP LOCKED``.
+
+    Registered with the ``database`` tag, so Django passes ``databases`` only for
+    ``migrate`` (the database being migrated) and ``check --database``: the note
+    appears when the outbox is created on such a database, not on every
+    ``runserver`` or ``shell``. A database the router keeps the outbox off
+    (``allow_migrate`` false for ``Message``) is not mentioned.
+    """
+    messages: list[checks.CheckMessage] = []
+    for alias in databases or ():
+        connection = connections[alias]
+        if not router.allow_migrate_model(alias, Message):
+            continue
+        if connection.features.has_select_for_update_skip_locked:
+            continue
+        messages.append(
+            checks.Info(
+                f"Database {alias!r} ({connection.vendor}) cannot claim outbox "
+                "rows with SELECT ... FOR UPDATE SKIP LOCKED.",
+                hint="django-cdp claims with a conditional UPDATE there: run a single "
+                "delivery worker for it (fine for development). "
+                f"See {DOCS_BASE}{DELIVERY_DOC}#sqlite.",
+                id="django_cdp.I001",
+            )
+        )
     return messages
 
 
 def register() -> None:
     checks.register(check_settings, "django_cdp")
     checks.register(check_delivery, "django_cdp")
+    checks.register(check_outbox_databases, "django_cdp", checks.Tags.database)
     checks.register(dictionary.check_plan, "django_cdp")
     checks.register(login.check_login, "django_cdp")
     checks.register(frontend.check_frontend, "django_cdp")

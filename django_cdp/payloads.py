@@ -12,21 +12,18 @@ from __future__ import annotations
 import datetime
 import decimal
 import enum
-import functools
 import hashlib
 import json
 import math
 import re
 import secrets
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 from django.utils.functional import Promise
-from django.utils.module_loading import import_string
 
 from django_cdp import __version__
 from django_cdp.registry import ModelConfig, Source
@@ -259,21 +256,16 @@ def identify_message(
     return message
 
 
-@functools.lru_cache(maxsize=8)
-def _enricher(path: str) -> Callable[..., Any]:
-    return import_string(path)
-
-
 def enrich(message: dict[str, Any], instance: models.Model | None) -> dict[str, Any]:
     """Run the project's ``ENRICH_MESSAGE`` hook, which may add context or integrations."""
-    path = cdp_settings.ENRICH_MESSAGE
-    if not path:
+    hook = cdp_settings.ENRICH_MESSAGE  # imported by cdp_settings; None when unset
+    if hook is None:
         return message
-    result = _enricher(path)(message, instance)
+    result = hook(message, instance)
     if result is None:
         return message
     if not isinstance(result, dict):
-        raise TypeError(f"ENRICH_MESSAGE hook {path} returned {type(result).__name__}, not dict")
+        raise TypeError(f"ENRICH_MESSAGE hook {hook!r} returned {type(result).__name__}, not dict")
     return result
 
 

@@ -10,7 +10,8 @@ check`` can always run.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import difflib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,13 @@ from django.dispatch import receiver
 from django.utils import translation
 from django.utils.functional import cached_property
 
-from django_cdp.settings import DEFAULTS, SETTING_NAME, cdp_settings
+from django_cdp.settings import (
+    IMPORT_STRINGS,
+    SETTING_NAME,
+    SETTINGS,
+    cdp_settings,
+    import_setting,
+)
 
 CREATED, UPDATED, DELETED = "created", "updated", "deleted"
 ACTIONS = (CREATED, UPDATED, DELETED)
@@ -31,36 +38,11 @@ ACTIONS = (CREATED, UPDATED, DELETED)
 MODEL_KEYS = frozenset({"owner", "events", "properties", "event_names", "integrations", "identify"})
 IDENTITY_KEYS = frozenset({"model", "user_id", "traits"})
 
-_TYPES: dict[str, tuple[type, ...]] = {
-    "ENABLED": (bool,),
-    "WRITE_KEY": (str,),
-    "DATA_PLANE_URL": (str,),
-    "IDENTITY": (dict,),
-    "MODELS": (dict,),
-    "SEND_UNCHANGED_IDENTIFY": (bool,),
-    "MAX_MESSAGE_BYTES": (int,),
-    "ENRICH_MESSAGE": (str, type(None)),
-    "DELIVERY": (str,),
-    "SEND": (bool,),
-    "QUEUE": (str, type(None)),
-    "MAX_BATCH_BYTES": (int,),
-    "MAX_BATCH_MESSAGES": (int,),
-    "MAX_ATTEMPTS": (int,),
-    "GZIP": (bool,),
-    "CONNECT_TIMEOUT": (int, float),
-    "READ_TIMEOUT": (int, float),
-    "LEASE_SECONDS": (int, float),
-    "DELIVERY_TIME_BUDGET": (int, float),
-    "KICK_DEBOUNCE_SECONDS": (int, float),
-    "RETRY_BACKOFF_BASE": (int, float),
-    "RETRY_BACKOFF_MAX": (int, float),
-    "CONFIG_ERROR_RETRY_SECONDS": (int, float),
-    "RETENTION_DAYS": (int,),
-    "EVENTS": (dict,),
-    "VALIDATION": (str,),
-    "LOGIN": (dict,),
-    "FRONTEND": (dict,),
-}
+#: Check hints end with a page of django-cdp's repository (the docs are not installed
+#: with the package): "See django-cdp/docs/tracking.md#configuration-errors."
+DOCS_BASE = "django-cdp/"
+SETTINGS_DOC = "README.md#the-django_cdp-settings-dict"
+CHECKS_DOC = "docs/tracking.md#configuration-errors"
 
 
 @dataclass(frozen=True)
@@ -194,8 +176,61 @@ def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
     return isinstance(value, types)
 
 
-def _error(id_: str, msg: str, hint: str) -> checks.Error:
-    return checks.Error(msg, hint=hint, id=f"django_cdp.{id_}")
+def _check_setting(key: Any, value: Any) -> list[checks.CheckMessage]:
+    """E001 for one top-level key: unknown, of a type :data:`SETTINGS` does not allow,
+    or a dotted path that does not import (found now, not at the first save)."""
+    setting = SETTINGS.get(key)
+    if setting is None:
+        return [
+            _error(
+                "E001",
+                f"{SETTING_NAME}[{key!r}] is not a django-cdp setting."
+                + did_you_mean(key, SETTINGS),
+                "Known keys: " + ", ".join(sorted(SETTINGS)) + ".",
+                SETTINGS_DOC,
+            )
+        ]
+    if not _type_ok(value, setting.types):
+        expected = " or ".join(t.__name__ for t in setting.types)
+        return [
+            _error(
+                "E001",
+                f"{SETTING_NAME}[{key!r}] must be {expected}, not {type(value).__name__}.",
+                f"{setting.doc} Default: {setting.default!r}.",
+                SETTINGS_DOC,
+            )
+        ]
+    if key in IMPORT_STRINGS and value:
+        try:
+            import_setting(key, value)
+        except ImportError as exc:
+            return [
+                _error(
+                    "E001",
+                    str(exc),
+                    f"{setting.doc} Give the dotted path of a function in an importable module.",
+                    SETTINGS_DOC,
+                )
+            ]
+    return []
+
+
+def _error(id_: str, msg: str, hint: str, page: str = CHECKS_DOC) -> checks.Error:
+    return checks.Error(msg, hint=f"{hint} See {DOCS_BASE}{page}.", id=f"django_cdp.{id_}")
+
+
+def did_you_mean(value: Any, candidates: Iterable[str]) -> str:
+    """`` Did you mean 'x'?`` for the closest candidate, or ``""``.
+
+    Compared case-insensitively (``apps.get_model`` ignores the case of model
+    names). The value itself is never suggested: a hint that repeats what failed
+    sends the reader looking for a typo that is not there.
+    """
+    if not isinstance(value, str):
+        return ""
+    by_lower = {c.lower(): c for c in candidates if c != value}
+    close = difflib.get_close_matches(value.lower(), by_lower, n=1, cutoff=0.6)
+    return f" Did you mean {by_lower[close[0]]!r}?" if close else ""
 
 
 def parse(config: Any) -> _Parsed:
@@ -211,23 +246,7 @@ def parse(config: Any) -> _Parsed:
         )
         return out
     for key, value in config.items():
-        if key not in DEFAULTS:
-            out.problems.append(
-                _error(
-                    "E001",
-                    f"{SETTING_NAME}[{key!r}] is not a django-cdp setting.",
-                    "Known keys: " + ", ".join(sorted(DEFAULTS)) + ".",
-                )
-            )
-        elif not _type_ok(value, _TYPES[key]):
-            expected = " or ".join(t.__name__ for t in _TYPES[key])
-            out.problems.append(
-                _error(
-                    "E001",
-                    f"{SETTING_NAME}[{key!r}] must be {expected}, not {type(value).__name__}.",
-                    f"Default: {DEFAULTS[key]!r}.",
-                )
-            )
+        out.problems.extend(_check_setting(key, value))
     if config.get("DELIVERY", "celery") not in ("celery", "manual"):
         out.problems.append(
             _error(
@@ -263,6 +282,10 @@ def parse(config: Any) -> _Parsed:
     return out
 
 
+def _model_labels() -> list[str]:
+    return [model._meta.label for model in apps.get_models()]
+
+
 def _resolve_model(label: Any) -> type[models.Model] | None:
     if not isinstance(label, str) or label.count(".") != 1:
         return None
@@ -290,7 +313,8 @@ def _parse_identity(raw: Any, problems: list) -> IdentityConfig | None:
         problems.append(
             _error(
                 "E002",
-                f"{key}[{unknown!r}] is not an identity option.",
+                f"{key}[{unknown!r}] is not an identity option."
+                + did_you_mean(unknown, IDENTITY_KEYS),
                 "Known keys: model, user_id, traits.",
             )
         )
@@ -299,7 +323,8 @@ def _parse_identity(raw: Any, problems: list) -> IdentityConfig | None:
         problems.append(
             _error(
                 "E002",
-                f"{key}['model'] = {raw.get('model')!r} is not an installed model.",
+                f"{key}['model'] = {raw.get('model')!r} is not an installed model."
+                + did_you_mean(raw.get("model"), _model_labels()),
                 "Use 'app_label.ModelName' of a model in INSTALLED_APPS.",
             )
         )
@@ -313,7 +338,8 @@ def _parse_identity(raw: Any, problems: list) -> IdentityConfig | None:
         problems.append(
             _error(
                 "E002",
-                f"{key}['user_id'] = {user_id_name!r} is not a field of {model._meta.label}.",
+                f"{key}['user_id'] = {user_id_name!r} is not a field of {model._meta.label}."
+                + did_you_mean(user_id_name, (f.name for f in model._meta.concrete_fields)),
                 "Name a concrete field whose value, as a string, is the userId "
                 "(default: the primary key).",
             )
@@ -334,7 +360,8 @@ def _parse_model(
         problems.append(
             _error(
                 "E003",
-                f"{key}: {label!r} is not an installed model.",
+                f"{key}: {label!r} is not an installed model."
+                + did_you_mean(label, _model_labels()),
                 "Use 'app_label.ModelName' of a model in INSTALLED_APPS.",
             )
         )
@@ -349,7 +376,7 @@ def _parse_model(
         problems.append(
             _error(
                 "E008",
-                f"{key}[{unknown!r}] is not a model option.",
+                f"{key}[{unknown!r}] is not a model option." + did_you_mean(unknown, MODEL_KEYS),
                 "Known keys: " + ", ".join(sorted(MODEL_KEYS)) + ".",
             )
         )
@@ -395,16 +422,24 @@ def _parse_model(
             )
             ok = False
         owner_path = None
-    elif identity is not None and not fk_path_reaches(
-        model, owner_path, identity.model, reverse_one_to_one=False
+    elif identity is not None and (
+        why := fk_path_problem(model, owner_path, identity.model, reverse_one_to_one=False)
     ):
+        target = identity.model._meta.label
+        direct = [
+            f.name
+            for f in model._meta.concrete_fields
+            if f.is_relation and f.related_model is identity.model and f.name != owner_path
+        ]
         problems.append(
             _error(
                 "E006",
-                f"{key}['owner'] = {owner_path!r} is missing or does not lead to the "
-                f"identity model {identity.model._meta.label}.",
-                "Give the foreign-key path from this model to the identity model, "
-                "e.g. 'shop' or 'order__shop'.",
+                f"{key}['owner'] is missing: {model._meta.label} is not the identity model."
+                if owner_path is None
+                else f"{key}['owner'] = {owner_path!r} does not lead to the identity model "
+                f"{target}: {why}.",
+                f"Give the path of foreign keys from {model._meta.label} to {target}"
+                + (f", here {direct[0]!r}." if direct else ", e.g. 'order__shop'."),
             )
         )
         ok = False
@@ -491,20 +526,61 @@ def fk_path_reaches(
     row's own columns); a login path may also cross a reverse one-to-one
     ("profile__shop" from the user).
     """
+    return fk_path_problem(model, path, target, reverse_one_to_one=reverse_one_to_one) is None
+
+
+def fk_path_problem(
+    model: type[models.Model], path: Any, target: type[models.Model], *, reverse_one_to_one: bool
+) -> str | None:
+    """Why ``path`` does not lead from ``model`` to ``target`` (see :func:`fk_path_reaches`),
+    or ``None`` when it does."""
     if not isinstance(path, str) or not path:
-        return False
-    current = model
+        return "it must be a non-empty string"
+    current: type[models.Model] | None = model
     for part in path.split("__"):
-        try:
-            f = current._meta.get_field(part)
-        except FieldDoesNotExist:
-            return False
-        if not (f.is_relation and (f.many_to_one or f.one_to_one)):
-            return False
-        if not f.concrete and not reverse_one_to_one:
-            return False
-        current = f.related_model
-    return current is target
+        current, why = _hop(current, part, reverse_one_to_one=reverse_one_to_one)
+        if current is None:
+            return why
+    if current is not target:
+        return f"it leads to {current._meta.label}"
+    return None
+
+
+def _field(model: type[models.Model], name: str, *, or_attribute: bool = False) -> tuple[Any, str]:
+    """``(field, "")``, or ``(None, why)`` naming the model and the closest of its fields
+    (and of its properties and methods, where those are allowed). The candidates are
+    only listed on failure: parsing a good configuration pays nothing for them."""
+    try:
+        return model._meta.get_field(name), ""
+    except FieldDoesNotExist:
+        known = [f.name for f in model._meta.get_fields()]
+        if or_attribute:
+            known += _attribute_names(model)
+        return None, f"{name!r} is not a field of {model._meta.label}.{did_you_mean(name, known)}"
+
+
+def _describe(f: Any) -> str:
+    """'a CharField', 'an IntegerField', 'a ManyToManyField' (the field's class, for a reason)."""
+    kind = type(f).__name__
+    return f"{'an' if kind[0] in 'AEIU' else 'a'} {kind}"
+
+
+def _hop(
+    model: type[models.Model], part: str, *, reverse_one_to_one: bool = False
+) -> tuple[type[models.Model] | None, str]:
+    """Follow one step of a path: the related model, or ``None`` and why not.
+
+    A step must be a to-one relation (many-to-one or one-to-one) so that the
+    path names a single row; reverse one-to-ones only where the caller allows.
+    """
+    f, why = _field(model, part)
+    if f is None:
+        return None, why
+    if not (f.is_relation and (f.many_to_one or f.one_to_one)):
+        return None, f"{part!r} is {_describe(f)} of {model._meta.label}, not a foreign key"
+    if not f.concrete and not reverse_one_to_one:
+        return None, f"{part!r} is a reverse relation of {model._meta.label}, not a foreign key"
+    return f.related_model, ""
 
 
 def _parse_sources(
@@ -515,10 +591,16 @@ def _parse_sources(
     problems: list,
     allow_list: bool = True,
 ) -> tuple[Source, ...]:
-    """Parse a property or trait mapping (``{name: path}``, or a list of names)."""
+    """Parse a property or trait mapping (``{name: path}``, or a list of names).
+
+    A problem names the entry as the user wrote it: ``['properties']['x']`` in a
+    dict, ``['properties'][1]`` in a list, so the key in the message can be found.
+    """
     if allow_list and isinstance(raw, list | tuple):
-        raw = {name: name for name in raw}
-    if not isinstance(raw, dict):
+        entries = [(f"[{i}]", name, name) for i, name in enumerate(raw)]
+    elif isinstance(raw, dict):
+        entries = [(f"[{name!r}]", name, path) for name, path in raw.items()]
+    else:
         expected = (
             "a dict of name -> field path, or a list of field names"
             if allow_list
@@ -527,14 +609,14 @@ def _parse_sources(
         problems.append(_error(error_id, f"{key} must be {expected}.", f"Got {raw!r}."))
         return ()
     sources = []
-    for name, path in raw.items():
+    for index, name, path in entries:
         source = _resolve_source(model, name, path)
-        if source is None:
+        if isinstance(source, str):
             problems.append(
                 _error(
                     error_id,
-                    f"{key}[{name!r}] = {path!r} does not resolve on {model._meta.label}.",
-                    "Use a field name, a path through foreign keys such as 'plan__name', "
+                    f"{key}{index} = {path!r} does not resolve: {source}",
+                    "Use a field name, a path through foreign keys (fk__field), "
                     "or the name of a property or no-argument method.",
                 )
             )
@@ -543,36 +625,51 @@ def _parse_sources(
     return tuple(sources)
 
 
-def _resolve_source(model: type[models.Model], name: Any, path: Any) -> Source | None:
-    if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
-        return None
+def _is_attribute(value: Any) -> bool:
+    """Whether a class attribute is a property or a method (a source computed per instance)."""
+    return isinstance(value, property | cached_property) or (
+        callable(value) and not isinstance(value, type)
+    )
+
+
+def _attribute_names(model: type[models.Model]) -> list[str]:
+    """The model's own properties and methods (not Django's), as suggestions for a typo."""
+    inherited = set(dir(models.Model))
+    return [
+        name
+        for name in dir(model)
+        if not name.startswith("_")
+        and name not in inherited
+        and _is_attribute(getattr(model, name, None))
+    ]
+
+
+def _resolve_source(model: type[models.Model], name: Any, path: Any) -> Source | str:
+    """The :class:`Source` of a property or trait, or why it does not resolve.
+
+    The reason names the failing part and the model it was looked up on
+    ("'title' is a CharField of app.Book, not a foreign key"), since a path such
+    as ``plan__name`` can fail at either step.
+    """
+    if not isinstance(name, str) or not name:
+        return f"the name {name!r} is not a non-empty string."
+    if not isinstance(path, str) or not path:
+        return "the source is not a non-empty string."
     # A dunder name such as "__str__" is an attribute, not a path.
-    parts = [path] if path.startswith("__") and path.endswith("__") else path.split("__")
-    if len(parts) == 1:
-        try:
-            f = model._meta.get_field(path)
-        except FieldDoesNotExist:
-            attr = getattr(model, path, None)
-            if isinstance(attr, property | cached_property) or (
-                callable(attr) and not isinstance(attr, type)
-            ):
-                return Source(name=name, path=path, kind="attribute")
-            return None
-        if not f.concrete or f.many_to_many:
-            return None
-        return Source(name=name, path=path, kind="column", field=f)
-    current = model
-    for i, part in enumerate(parts):
-        try:
-            f = current._meta.get_field(part)
-        except FieldDoesNotExist:
-            return None
-        last = i == len(parts) - 1
-        if last:
-            if not f.concrete or f.many_to_many:
-                return None
-            return Source(name=name, path=path, kind="path", field=f)
-        if not (f.is_relation and (f.many_to_one or f.one_to_one) and f.concrete):
-            return None
-        current = f.related_model
-    return None
+    *hops, last = [path] if path.startswith("__") and path.endswith("__") else path.split("__")
+    current: type[models.Model] | None = model
+    for part in hops:
+        current, why = _hop(current, part)
+        if current is None:
+            return f"{why}."
+    if hops:
+        f, why = _field(current, last)
+    else:
+        f, why = _field(model, last, or_attribute=True)
+        if f is None and _is_attribute(getattr(model, last, None)):
+            return Source(name=name, path=path, kind="attribute")
+    if f is None:
+        return why
+    if not f.concrete or f.many_to_many:
+        return f"{last!r} is {_describe(f)} of {current._meta.label}, not a single value."
+    return Source(name=name, path=path, kind="path" if hops else "column", field=f)

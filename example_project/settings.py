@@ -126,10 +126,6 @@ DJANGO_CDP = {
     },
 }
 
-# SQLite can claim outbox rows for one delivery worker only; django-cdp says so with the info
-# check I001 on every command. The example knows: silence it (use PostgreSQL for several workers).
-SILENCED_SYSTEM_CHECKS = ["django_cdp.I001"]
-
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
