@@ -16,6 +16,9 @@ suite's ``DJANGO_CDP`` tracking plan, plus ``auditlog``. Variants, all on the sa
   show what the switched-off receivers cost.
 * **django-cdp**: the Payout tracked with the example plan (properties amount,
   currency, status; owner shop; re-identify the shop).
+* **django-cdp, identify off**: the same with ``"identify": False`` on Payout: the
+  difference to **django-cdp** is what the re-identify's read of the shop's traits
+  (with their digest) costs every child change.
 * **auditlog**: ``auditlog.register(Payout)`` for the blocks of this variant only
   (unregistered afterwards); django-cdp switched off.
 * **SDK track()**: a hand-written ``post_save`` receiver calling
@@ -55,7 +58,14 @@ from benchmarks import _common
 DATABASE = "cdp_bench_save_path"
 AMOUNTS = _common.AMOUNTS
 POOL = _common.POOL
-VARIANTS = ("untracked", "plain Django", "django-cdp", "auditlog", "SDK track()")
+VARIANTS = (
+    "untracked",
+    "plain Django",
+    "django-cdp",
+    "django-cdp, identify off",
+    "auditlog",
+    "SDK track()",
+)
 OPS = ("create", "update")
 MODES = ("atomic", "autocommit")
 BASELINE = "untracked"
@@ -117,6 +127,17 @@ class Bench:
 
         if name == "django-cdp":
             yield
+        elif name == "django-cdp, identify off":
+            # What the re-identify's traits read costs a child change: the same plan with
+            # "identify": False on Payout.
+            from django.conf import settings
+            from django.test import override_settings
+
+            plan = settings.DJANGO_CDP
+            models = {**plan["MODELS"]}
+            models["payouts.Payout"] = {**models["payouts.Payout"], "identify": False}
+            with override_settings(DJANGO_CDP={**plan, "MODELS": models}):
+                yield
         elif name == "untracked":
             with tracking_disabled():
                 yield

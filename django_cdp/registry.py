@@ -99,9 +99,6 @@ class ModelConfig:
     integrations: dict[str, Any] | None
     identify: bool
     is_identity: bool = False
-    #: Whether a change of this model can change the owner's traits: it is the identity
-    #: model, a trait path runs through it, or a trait is computed (property/method).
-    can_change_traits: bool = True
     # attname -> names of the properties it feeds; the columns whose changes make an Updated.
     tracked_columns: dict[str, tuple[str, ...]] = field(default_factory=dict)
     column_fields: dict[str, models.Field] = field(default_factory=dict)
@@ -492,22 +489,9 @@ def _parse_model(
         integrations=integrations,
         identify=identify,
         is_identity=is_identity,
-        can_change_traits=is_identity or _can_change_traits(model, identity),
         tracked_columns={k: tuple(v) for k, v in tracked.items()},
         column_fields=column_fields,
     )
-
-
-def _can_change_traits(model: type[models.Model], identity: IdentityConfig) -> bool:
-    if identity.needs_instance:
-        return True  # a property or method may compute from anything
-    for source in identity.traits:
-        current = identity.model
-        for part in source.path.split("__")[:-1]:
-            current = current._meta.get_field(part).related_model
-            if current is model:
-                return True
-    return False
 
 
 def default_event_base(model: type[models.Model]) -> str:

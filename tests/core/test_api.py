@@ -37,7 +37,7 @@ def test_track_rejects_an_unregistered_model(outbox, plan):
 def test_track_names_the_property_it_cannot_convert(outbox, shop):
     from django_cdp.payloads import PayloadError
 
-    with pytest.raises(PayloadError, match="^when: "):
+    with pytest.raises(PayloadError, match=r"^when: "):
         django_cdp.track(shop, "Odd", {"when": object()})
     assert outbox.rows() == []
 

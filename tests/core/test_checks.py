@@ -271,14 +271,21 @@ def test_an_enrich_path_that_does_not_import_is_a_check_error_naming_key_and_pat
     assert reason in found.msg
 
 
-def test_a_save_with_a_broken_enrich_path_logs_the_key_and_path(outbox, shop, caplog):
+def test_a_save_with_a_broken_enrich_path_stores_a_failed_row_naming_key_and_path(
+    outbox, shop, caplog
+):
     from decimal import Decimal
 
     from example_project.payouts.models import Payout
 
     with override_settings(DJANGO_CDP={**GOOD, "ENRICH_MESSAGE": "tests.core.hooks.nope"}):
-        Payout.objects.create(shop=shop, amount=Decimal("1"), currency="EUR")
-    assert outbox.rows() == []
+        payout = Payout.objects.create(shop=shop, amount=Decimal("1"), currency="EUR")
+    assert Payout.objects.filter(pk=payout.pk).exists()
+    (row,) = outbox.rows()
+    assert row.status == "failed"
+    assert "DJANGO_CDP['ENRICH_MESSAGE'] = 'tests.core.hooks.nope' cannot be imported" in (
+        row.last_error
+    )
     assert "DJANGO_CDP['ENRICH_MESSAGE'] = 'tests.core.hooks.nope' cannot be imported" in (
         caplog.text
     )

@@ -57,7 +57,7 @@ def test_naive_datetime_is_taken_in_the_current_time_zone(settings):
 
 @pytest.mark.parametrize("value", [object(), b"bytes", float("nan"), Decimal("Infinity")])
 def test_unconvertible_values_raise_naming_the_field(value):
-    with pytest.raises(PayloadError, match="^the_field: "):
+    with pytest.raises(PayloadError, match=r"^the_field: "):
         json_value(value, "the_field")
 
 

@@ -72,6 +72,11 @@ FAILURES = {
         reason="RuntimeError: enrichment failed",
         settings={"ENRICH_MESSAGE": "tests.core.hooks.broken"},
     ),
+    "hook adds nan": Failure(
+        "hook adds nan",
+        reason="not JSON after ENRICH_MESSAGE: Out of range float values",
+        settings={"ENRICH_MESSAGE": "tests.trust.hooks.add_nan"},
+    ),
     "raising validation": Failure("raising validation", reason="RuntimeError: validator crashed"),
     "owner error": Failure("owner error", reason="owner: RuntimeError: owner lookup crashed"),
     "too large": Failure("too large", reason="too large (", settings={"MAX_MESSAGE_BYTES": 200}),

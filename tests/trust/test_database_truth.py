@@ -12,14 +12,16 @@ import django_cdp
 from django_cdp.models import Message, TraitsDigest
 from example_project.payouts.models import Payout
 from example_project.shops.models import Shop
+from example_project.tracking_plan import IDENTITY
 from tests.testapp.models import Reading
 from tests.trust.conftest import Failure, tracking_settings
 
 
 @pytest.fixture
-def tracked(settings, transactional_db, monkeypatch):
-    monkeypatch.setattr(Shop, "health", property(lambda shop: "fine"), raising=False)
-    settings.DJANGO_CDP = tracking_settings(Failure("clean"))
+def tracked(settings, transactional_db):
+    """The example's plan plus Reading; the shop's traits are all columns (no computed
+    trait), so only the re-identify contract makes a child change read them."""
+    settings.DJANGO_CDP = {**tracking_settings(Failure("clean")), "IDENTITY": IDENTITY}
 
 
 def payloads(**filters) -> list[dict]:
@@ -147,8 +149,9 @@ def test_unchanged_traits_are_not_identified_again(tracked, shop_with_plan):
     assert payloads(type="identify") == []
 
 
-def test_a_failed_identify_is_not_recorded_as_sent_traits(tracked, shop_with_plan, monkeypatch):
-    monkeypatch.setattr(Shop, "health", property(lambda shop: float("inf")))
+def test_a_failed_identify_is_not_recorded_as_sent_traits(settings, shop_with_plan, monkeypatch):
+    monkeypatch.setattr(Shop, "health", property(lambda shop: float("inf")), raising=False)
+    settings.DJANGO_CDP = tracking_settings(Failure("clean"))  # with the computed trait
     Shop.objects.filter(pk=shop_with_plan.pk).update(email="crm@acme.example")
     django_cdp.identify(shop_with_plan)
     failed = Message.objects.get(type="identify", status="failed")
