@@ -13,18 +13,20 @@ permission; only superusers can delete.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from datetime import timedelta
 from typing import Any
 from urllib.parse import urlencode
 
 from django.apps import apps
 from django.contrib import admin, messages
 from django.contrib.admin.utils import flatten_fieldsets
+from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import transaction
 from django.db.models import Q, QuerySet
+from django.db.models.functions import Length, Substr
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, path, reverse
@@ -34,14 +36,23 @@ from django.utils.html import format_html
 from django.utils.safestring import mark_safe
 
 from django_cdp import admin_dictionary, health
-from django_cdp.dictionary import get_dictionary
+from django_cdp.admin_filters import (
+    CreatedFilter,
+    EventNameFilter,
+    FlaggedFilter,
+    SourceModelFilter,
+    SourceObjectFilter,
+    filter_parameters,
+)
+from django_cdp.admin_permissions import can_view_messages
 from django_cdp.models import DeliveryAttempt, Message
-from django_cdp.registry import registry
 
 #: The changelist counts at most this many matching rows (``COUNT`` over a ``LIMIT``).
 COUNT_CAP = 10_000
 #: The live page returns at most this many messages per poll.
 LIVE_LIMIT = 50
+#: ... and at most this many characters of each one's payload (the rest is on its detail page).
+LIVE_PAYLOAD_CHARS = 2_000
 #: The message detail page lists at most this many delivery attempts, newest first.
 ATTEMPTS_LIMIT = 50
 
@@ -68,55 +79,15 @@ class CappedCountPaginator(Paginator):
         return min(self.object_list[: COUNT_CAP + 1].count(), COUNT_CAP)
 
 
-class _ExactFilter(admin.SimpleListFilter):
-    """Choices known without reading the table; the choice is matched on an indexed column."""
+class MessageChangeList(ChangeList):
+    """The log's changelist: its rows never load ``payload``, the one large column.
 
-    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
-        value = self.value()
-        return queryset.filter(**{self.parameter_name: value}) if value else queryset
+    A payload can be hundreds of kilobytes; a page of 100 rows would read them all
+    for columns that never show them. The detail page loads the full row.
+    """
 
-
-class EventNameFilter(_ExactFilter):
-    """Event names from the tracking plan (the event dictionary), not ``SELECT DISTINCT``."""
-
-    title = "event name"
-    parameter_name = "event"
-
-    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list:
-        return [(name, name) for name in sorted(get_dictionary().events)]
-
-
-class SourceModelFilter(_ExactFilter):
-    """The registered models (from the registry), matched on the indexed ``source_model``."""
-
-    title = "source model"
-    parameter_name = "source_model"
-
-    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list:
-        labels = {config.model._meta.label_lower for config in registry}
-        return [(label, label) for label in sorted(labels)]
-
-
-class CreatedFilter(admin.SimpleListFilter):
-    """A date range on the indexed ``created_at``, in the windows people ask about."""
-
-    title = "created"
-    parameter_name = "created"
-    RANGES = {
-        "1h": ("Last hour", timedelta(hours=1)),
-        "24h": ("Last 24 hours", timedelta(days=1)),
-        "7d": ("Last 7 days", timedelta(days=7)),
-        "30d": ("Last 30 days", timedelta(days=30)),
-    }
-
-    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list:
-        return [(key, label) for key, (label, _) in self.RANGES.items()]
-
-    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
-        value = self.value()
-        if value in self.RANGES:
-            return queryset.filter(created_at__gte=timezone.now() - self.RANGES[value][1])
-        return queryset
+    def get_queryset(self, request: HttpRequest, exclude_parameters: Any = None) -> QuerySet:
+        return super().get_queryset(request, exclude_parameters).defer("payload")
 
 
 def _pretty(data: Any) -> str:
@@ -143,8 +114,9 @@ class MessageAdmin(admin.ModelAdmin):
         "type",
         EventNameFilter,
         SourceModelFilter,
+        SourceObjectFilter,
         CreatedFilter,
-        admin_dictionary.FlaggedFilter,
+        FlaggedFilter,
     )
     search_fields = ("user_id", "message_id", "event")
     search_help_text = "Exact userId, messageId or event name."
@@ -186,6 +158,10 @@ class MessageAdmin(admin.ModelAdmin):
         # Messages are records: never edited by hand. Requeue has its own permission check.
         return False
 
+    def has_view_permission(self, request: HttpRequest, obj: Message | None = None) -> bool:
+        """The rule of every page that shows messages: :func:`can_view_messages`."""
+        return can_view_messages(request.user)
+
     def has_delete_permission(self, request: HttpRequest, obj: Message | None = None) -> bool:
         return request.user.is_superuser
 
@@ -194,7 +170,19 @@ class MessageAdmin(admin.ModelAdmin):
         opts = self.opts
         return request.user.has_perm(f"{opts.app_label}.change_{opts.model_name}")
 
-    # --- search: exact matches on indexed columns ----------------------------------------------
+    # --- filters and search: only the log's own, on indexed columns -----------------------------
+
+    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest) -> bool:
+        """Only the parameters of the log's own filters (:func:`filter_parameters`).
+
+        Django's default allows any lookup on a local field, so ``?payload__icontains=``
+        or ``?last_error__regex=`` in the URL would scan the whole outbox. Refused, the
+        changelist raises ``DisallowedModelAdminLookup``, which Django answers with a 400.
+        """
+        return lookup in filter_parameters(self, request)
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return MessageChangeList
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet, search_term: str
@@ -328,7 +316,7 @@ class MessageAdmin(admin.ModelAdmin):
         ]
 
     def _require_view(self, request: HttpRequest) -> None:
-        """Staff without ``view_message`` get 403, as the admin's own views answer."""
+        """Staff who may not see messages get 403, as the admin's own views answer."""
         if not self.has_view_permission(request):
             raise PermissionDenied
 
@@ -433,7 +421,12 @@ class MessageAdmin(admin.ModelAdmin):
         """Messages newer than ``after`` (an id), newest first, at most :data:`LIVE_LIMIT`.
 
         One query on the primary key (plus an exact, indexed ``q`` on event or userId),
-        so polling every two seconds costs the same on a million rows as on ten.
+        so polling every two seconds costs the same on a million rows as on ten. The
+        answer is bounded too: the database returns at most :data:`LIVE_PAYLOAD_CHARS`
+        of each payload, so a burst of large payloads cannot make a poll megabytes
+        long. A payload that fits is sent parsed; a longer one as its first
+        characters, with ``payload_truncated`` set (the detail page shows it whole).
+        ``payload_chars`` is the stored payload's full length in characters.
         """
         self._require_view(request)
         try:
@@ -445,17 +438,30 @@ class MessageAdmin(admin.ModelAdmin):
         if term:
             qs = qs.filter(Q(event=term) | Q(user_id=term))
         rows = list(
-            qs.order_by("-id").values(
-                "id", "created_at", "type", "event", "user_id", "status", "payload"
+            qs.order_by("-id")
+            .annotate(
+                payload_start=Substr("payload", 1, LIVE_PAYLOAD_CHARS),
+                payload_chars=Length("payload"),
+            )
+            .values(
+                "id",
+                "created_at",
+                "type",
+                "event",
+                "user_id",
+                "status",
+                "payload_start",
+                "payload_chars",
             )[:LIVE_LIMIT]
         )
         change = self._reverse("changelist")
         messages_out = []
         for r in rows:
-            try:
-                payload = json.loads(r["payload"])
-            except ValueError:
-                payload = r["payload"]
+            truncated = r["payload_chars"] > LIVE_PAYLOAD_CHARS
+            payload = r["payload_start"]
+            if not truncated:
+                with contextlib.suppress(ValueError):  # an unparsable payload is sent as text
+                    payload = json.loads(payload)
             messages_out.append(
                 {
                     "id": r["id"],
@@ -465,6 +471,8 @@ class MessageAdmin(admin.ModelAdmin):
                     "user_id": r["user_id"],
                     "status": r["status"],
                     "payload": payload,
+                    "payload_truncated": truncated,
+                    "payload_chars": r["payload_chars"],
                     "url": f"{change}{r['id']}/change/",
                 }
             )
@@ -478,7 +486,8 @@ class AnalyticsEventsMixin:
     ``class PayoutAdmin(AnalyticsEventsMixin, admin.ModelAdmin)`` lists the newest
     messages emitted for the object (matched on the indexed ``source_model`` and
     ``source_pk``, so it is one bounded query) with a link to the full, filtered
-    delivery log. Only users with ``django_cdp.view_message`` see it: payloads are
+    delivery log. Only users who may see the delivery log see it
+    (:func:`~django_cdp.admin_permissions.can_view_messages`): payloads are
     customer data. If your admin has its own ``change_form_template``, include
     ``django_cdp/admin/object_events.html`` in it instead.
     """
@@ -498,7 +507,7 @@ class AnalyticsEventsMixin:
 
     def analytics_events_context(self, request: HttpRequest, object_id: str) -> dict[str, Any]:
         """The template context of the section, empty when the user may not see messages."""
-        if not request.user.has_perm("django_cdp.view_message"):
+        if not can_view_messages(request.user):
             return {}
         opts = self.model._meta  # type: ignore[attr-defined]
         site_name = self.admin_site.name  # type: ignore[attr-defined]

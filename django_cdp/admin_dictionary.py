@@ -1,9 +1,10 @@
 """The event dictionary in the admin: every planned event with its 7-day count and last seen.
 
-Kept out of ``django_cdp/admin.py`` (the delivery log), which takes in the two
-pieces: :class:`FlaggedFilter`, a list filter for messages with tracking-plan
-violations, and :func:`get_urls`, the dictionary page's URL wrapped in the admin
-site's ``admin_view`` (``/admin/django_cdp/message/dictionary/``).
+Kept out of ``django_cdp/admin.py`` (the delivery log), which takes in
+:func:`get_urls`, the dictionary page's URL wrapped in the admin site's
+``admin_view`` (``/admin/django_cdp/message/dictionary/``). The delivery log's
+filter for messages with tracking-plan violations is
+``django_cdp.admin_filters.FlaggedFilter``.
 
 The page costs one grouped query over the last 7 days (an index range on
 ``created_at``) plus one query per event not seen in that window, for its
@@ -17,34 +18,18 @@ from typing import Any
 
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
-from django.db.models import Count, Max, Q, QuerySet
+from django.db.models import Count, Max, Q
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path
 from django.utils import timezone
 
+from django_cdp.admin_permissions import can_view_messages
 from django_cdp.dictionary import get_dictionary
 from django_cdp.models import Message
 
 WINDOW = timedelta(days=7)
 IDENTIFY = "(identify)"
-
-
-class FlaggedFilter(admin.SimpleListFilter):
-    """Messages that broke the tracking plan (``VALIDATION = "flag"`` or ``"block"``)."""
-
-    title = "tracking plan"
-    parameter_name = "flagged"
-
-    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list:
-        return [("yes", "With violations"), ("no", "Conforming")]
-
-    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
-        if self.value() == "yes":
-            return queryset.exclude(violations=[])
-        if self.value() == "no":
-            return queryset.filter(violations=[])
-        return queryset
 
 
 def event_activity(using: str = "default") -> dict[str, dict[str, Any]]:
@@ -84,8 +69,8 @@ def _last_seen_before(name: str, using: str) -> Any:
 def dictionary_view(
     request: HttpRequest, admin_site: admin.AdminSite | None = None
 ) -> HttpResponse:
-    """The dictionary page: needs the permission to view messages."""
-    if not request.user.has_perm("django_cdp.view_message"):
+    """The dictionary page, for the users who may see the log (:func:`can_view_messages`)."""
+    if not can_view_messages(request.user):
         raise PermissionDenied
     site = admin_site or admin.site
     d = get_dictionary()

@@ -34,6 +34,23 @@ def js_value(value: Any) -> str:
     return json.dumps(value, cls=DjangoJSONEncoder, ensure_ascii=False).translate(_JS_ESCAPES)
 
 
+def is_server_key(key: Any) -> bool:
+    """True when ``key`` is the server's ``WRITE_KEY``, which must never reach a browser.
+
+    Anyone who reads a page could send events as the backend with a server
+    source's write key; the browser needs a source (and write key) of its own.
+    Check E012 reports it, and :func:`frontend_config` refuses it even when the
+    check is silenced.
+    """
+    server = cdp_settings.WRITE_KEY
+    return (
+        isinstance(key, str)
+        and isinstance(server, str)
+        and bool(key.strip())
+        and key.strip() == server.strip()
+    )
+
+
 def frontend_config() -> dict[str, Any] | None:
     """``FRONTEND`` with defaults, or None when the snippet must render nothing."""
     raw = cdp_settings.FRONTEND
@@ -48,7 +65,7 @@ def frontend_config() -> dict[str, Any] | None:
         "PAGE": True,
         **raw,
     }
-    if not config["WRITE_KEY"] or not config["SDK_URL"]:
+    if not config["WRITE_KEY"] or is_server_key(config["WRITE_KEY"]) or not config["SDK_URL"]:
         return None
     if config["SDK"] == RUDDERSTACK and not config["DATA_PLANE_URL"]:
         return None
@@ -71,7 +88,7 @@ def browser_identity(user: Any, allowed: list[str]) -> tuple[str | None, dict[st
 
 
 def check_frontend(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """System check E011: a ``FRONTEND`` that would make the snippet render nothing or leak."""
+    """Checks E011 (the snippet would render nothing or leak) and E012 (the server's key)."""
     raw = cdp_settings.FRONTEND
     if not isinstance(raw, dict) or not raw:
         return []
@@ -102,6 +119,18 @@ def check_frontend(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
         error(
             f"{key}['DATA_PLANE_URL'] is empty: the RudderStack snippet renders nothing.",
             "Set the data plane URL the browser sends to.",
+        )
+    if is_server_key(raw.get("WRITE_KEY")):
+        problems.append(
+            checks.Error(
+                f"{key}['WRITE_KEY'] is the server write key {SETTING_NAME}['WRITE_KEY']: "
+                "it would be rendered into every page that uses {% cdp_snippet %}.",
+                hint="A server write key must never reach a browser: anyone could read it and "
+                "send events as your backend. Create a browser (JavaScript) source in "
+                "RudderStack or Segment and set its write key here; until then the snippet "
+                "renders nothing.",
+                id="django_cdp.E012",
+            )
         )
     traits = raw.get("TRAITS", [])
     identity = registry.identity

@@ -62,6 +62,29 @@ def test_data_is_bounded_and_costs_one_query(admin_client_):
     assert len(queries.captured_queries) == 3
 
 
+def test_data_is_bounded_with_large_payloads(admin_client_):
+    notes = 'a "quoted" note\n' * 30_000  # ~500 kB per payload, escaped twice in JSON
+    Message.objects.bulk_create(
+        [make_message(properties={"notes": notes}) for _ in range(cdp_admin.LIVE_LIMIT + 5)]
+    )
+    small = create_message(properties={"amount": "1.00"})
+    response = admin_client_.get(DATA)
+    # Each payload excerpt at most doubles when escaped; the rest of a row is ~300 bytes.
+    bound = cdp_admin.LIVE_LIMIT * (2 * cdp_admin.LIVE_PAYLOAD_CHARS + 1_000)
+    assert len(response.content) < bound
+    first, *large = response.json()["messages"]
+    assert first["id"] == small.pk
+    assert first["payload"]["properties"] == {"amount": "1.00"}
+    assert first["payload_truncated"] is False
+    assert first["payload_chars"] == len(small.payload)
+    assert len(large) == cdp_admin.LIVE_LIMIT - 1
+    stored = dict(Message.objects.values_list("id", "payload"))
+    for m in large:
+        assert m["payload_truncated"] is True
+        assert m["payload_chars"] == len(stored[m["id"]]) > 500_000
+        assert m["payload"] == stored[m["id"]][: cdp_admin.LIVE_PAYLOAD_CHARS]
+
+
 def test_live_permissions(client, nobody_client, viewer_client):
     for url in (LIVE, DATA):
         assert client.get(url)["Location"].startswith("/admin/login/")

@@ -59,3 +59,14 @@ def test_hidden_without_view_message(payout):
     client = Client()
     client.force_login(user)
     assert "cdp-object-events" not in _page(client, payout)
+
+
+def test_shown_to_the_users_the_delivery_log_lets_in(payout):
+    user = User.objects.create_user("payouts-operator", password="pw", is_staff=True)
+    user.user_permissions.set(
+        Permission.objects.filter(content_type__app_label="payouts", codename="view_payout")
+        | Permission.objects.filter(content_type__app_label="django_cdp", codename="change_message")
+    )
+    client = Client()
+    client.force_login(user)
+    assert "cdp-object-events" in _page(client, payout)

@@ -198,3 +198,26 @@ def test_a_valid_frontend_passes_the_check():
     with cdp({"TRAITS": ["domain"]}):
         assert check_frontend() == []
     assert check_frontend() == []
+
+
+# --- check E012: the server write key in the browser ------------------------------------------
+
+
+@pytest.mark.parametrize("frontend_key", ["server-secret", " server-secret\n"])
+def test_the_server_write_key_in_frontend_is_e012_and_never_rendered(db, frontend_key):
+    with cdp({"WRITE_KEY": frontend_key}, WRITE_KEY="server-secret"):
+        problems = check_frontend()
+        html = render()
+    assert [p.id for p in problems] == ["django_cdp.E012"]
+    assert "['FRONTEND']['WRITE_KEY'] is the server write key DJANGO_CDP['WRITE_KEY']" in (
+        problems[0].msg
+    )
+    assert "must never reach a browser" in problems[0].hint
+    assert "server-secret" not in problems[0].msg + problems[0].hint
+    assert html == ""  # refused even when the check is silenced
+
+
+def test_a_browser_key_of_its_own_passes(db):
+    with cdp({"WRITE_KEY": "browser-key"}, WRITE_KEY="server-secret"):
+        assert check_frontend() == []
+        assert config_of(render())["writeKey"] == "browser-key"

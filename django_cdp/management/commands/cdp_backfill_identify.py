@@ -13,11 +13,11 @@ import time
 from typing import Any
 
 from django.core.exceptions import FieldDoesNotExist, FieldError, ValidationError
-from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DEFAULT_DB_ALIAS
+from django.core.management.base import CommandError, CommandParser
 from django.utils.dateparse import parse_date, parse_datetime
 
 from django_cdp import backfill
+from django_cdp.management.base import CdpCommand, positive_int
 from django_cdp.registry import registry
 from django_cdp.settings import cdp_settings
 
@@ -69,7 +69,8 @@ class Progress:
             self.out.write("")
 
 
-class Command(BaseCommand):
+class Command(CdpCommand):
+    database_help = "Database alias of the identity rows and the outbox (default: default)."
     help = (
         "Identify every existing row of the identity model (or a selection) with its current "
         "traits, skipping rows whose traits equal the last identify recorded."
@@ -103,7 +104,10 @@ class Command(BaseCommand):
             "must match).",
         )
         parser.add_argument(
-            "--batch-size", type=int, default=500, help="Rows per query and per transaction."
+            "--batch-size",
+            type=positive_int,
+            default=500,
+            help="Rows per query and per transaction.",
         )
         parser.add_argument(
             "--dry-run",
@@ -124,11 +128,6 @@ class Command(BaseCommand):
             help="Also queue the historical '<Object> Created' events of registered models owned "
             "by the selected rows, dated from their creation field.",
         )
-        parser.add_argument(
-            "--database",
-            default=DEFAULT_DB_ALIAS,
-            help="Database alias of the identity rows and the outbox (default: default).",
-        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         identity = registry.identity
@@ -136,8 +135,6 @@ class Command(BaseCommand):
             raise CommandError("DJANGO_CDP['IDENTITY'] is not configured; run manage.py check.")
         if not cdp_settings.ENABLED:
             raise CommandError("DJANGO_CDP['ENABLED'] is False: django-cdp records nothing.")
-        if options["batch_size"] < 1:
-            raise CommandError("--batch-size must be at least 1.")
         if options["since"] and not options["date_field"]:
             raise CommandError("--since needs --date-field (the field to compare).")
         if options["dry_run"] and options["deliver"]:

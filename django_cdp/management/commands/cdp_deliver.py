@@ -10,28 +10,26 @@ import signal
 import time
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 
 from django_cdp.delivery import DrainResult, drain
+from django_cdp.management.base import CdpCommand, positive_float
 
 
-class Command(BaseCommand):
+class Command(CdpCommand):
     help = "Send due django-cdp messages to the data plane (once, or with --loop until stopped)."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--loop", action="store_true", help="Keep draining until interrupted.")
         parser.add_argument(
             "--interval",
-            type=float,
+            type=positive_float,
             default=2.0,
             help="With --loop: seconds to wait when nothing was due (default 2).",
         )
         parser.add_argument(
-            "--database", default="default", help="Database alias of the outbox (default: default)."
-        )
-        parser.add_argument(
             "--time-budget",
-            type=float,
+            type=positive_float,
             default=None,
             help="Stop a drain after this many seconds (default: until nothing is due).",
         )

@@ -11,9 +11,10 @@ import ipaddress
 import socket
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from django_cdp.devserver import DataPlaneServer
+from django_cdp.management.base import CdpCommand, port
 from django_cdp.transport import mask
 
 DEFAULT_HOST = "127.0.0.1"
@@ -29,7 +30,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class Command(BaseCommand):
+class Command(CdpCommand):
+    database_help = None
     help = "Run a local data plane (RudderStack HTTP API) that checks and prints incoming messages."
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -39,7 +41,12 @@ class Command(BaseCommand):
             help=f"Address to listen on (default {DEFAULT_HOST}; other than loopback only "
             "when given here explicitly).",
         )
-        parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+        parser.add_argument(
+            "--port",
+            type=port,
+            default=DEFAULT_PORT,
+            help=f"Port to listen on (default {DEFAULT_PORT}; 0: any free port).",
+        )
         parser.add_argument(
             "--write-key",
             default=None,

@@ -14,14 +14,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from django_cdp.dictionary import Dictionary, get_dictionary
+from django_cdp.management.base import CdpCommand
 
 MARKDOWN, JSON_SCHEMA = "markdown", "json-schema"
 
 
-class Command(BaseCommand):
+class Command(CdpCommand):
+    database_help = None
     help = (
         "Print the event dictionary (events, triggers, properties, traits with types) as "
         "Markdown or JSON Schema; --check PATH exits 1 when a committed copy has drifted."
@@ -51,7 +53,12 @@ class Command(BaseCommand):
             return
         text = render(dictionary, options["format"] or MARKDOWN)
         if options["output"]:
-            Path(options["output"]).write_text(text, encoding="utf-8")
+            try:
+                Path(options["output"]).write_text(text, encoding="utf-8")
+            except OSError as exc:
+                raise CommandError(
+                    f"--output {options['output']!r}: cannot write it: {exc.strerror or exc}"
+                ) from exc
             if options["verbosity"] >= 1:
                 self.stderr.write(f"Wrote the event dictionary to {options['output']}.")
         else:

@@ -10,38 +10,38 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import timedelta
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 
 from django_cdp import health
+from django_cdp.management.base import CdpCommand, fraction, seconds
 
 
-class Command(BaseCommand):
+class Command(CdpCommand):
     help = "Print django-cdp delivery health; exit 1 when delivery is stuck or failing."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "--max-pending-age",
-            type=float,
-            default=health.STUCK_AFTER.total_seconds(),
-            help="Seconds the oldest pending message may wait (default %(default)s).",
+            type=seconds,
+            default=health.STUCK_AFTER,
+            help="Seconds the oldest pending message may wait "
+            f"(default {health.STUCK_AFTER.total_seconds():g}).",
         )
         parser.add_argument(
             "--max-failure-rate",
-            type=float,
+            type=fraction,
             default=health.MAX_FAILURE_RATE,
             help="Largest acceptable share of failed messages in the last hour "
             "(default %(default)s).",
         )
-        parser.add_argument("--database", default="default", help="Database alias of the outbox.")
         parser.add_argument("--json", action="store_true", help="Print JSON instead of text.")
 
     def handle(self, *args: Any, **options: Any) -> None:
         figures = health.report(
             options["database"],
-            stuck_after=timedelta(seconds=options["max_pending_age"]),
+            stuck_after=options["max_pending_age"],
             max_failure_rate=options["max_failure_rate"],
         )
         status: health.Status = figures["status"]

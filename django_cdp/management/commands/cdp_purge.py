@@ -1,9 +1,10 @@
 """``manage.py cdp_purge``: retention of the outbox, and erasure of one user.
 
 ``--older-than DAYS`` (default: the ``RETENTION_DAYS`` setting) deletes sent and
-skipped messages older than that; pending, failed and blocked ones are never
-deleted by age. ``--user-id ID`` deletes everything stored about one user. The
-periodic task ``django_cdp.tasks.purge`` does the former on a beat schedule.
+skipped messages older than that (0, as ``RETENTION_DAYS = 0``, keeps them all);
+pending, failed and blocked ones are never deleted by age. ``--user-id ID``
+deletes everything stored about one user. The periodic task
+``django_cdp.tasks.purge`` does the former on a beat schedule.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DEFAULT_DB_ALIAS
+from django.core.management.base import CommandError, CommandParser
 
 from django_cdp import retention
+from django_cdp.management.base import CdpCommand, days, positive_int
 from django_cdp.settings import cdp_settings
 
 
-class Command(BaseCommand):
+class Command(CdpCommand):
     help = (
         "Delete sent and skipped django-cdp messages older than --older-than DAYS (default "
         "RETENTION_DAYS), or with --user-id everything stored about one user."
@@ -27,9 +28,10 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "--older-than",
-            type=int,
+            type=days,
             metavar="DAYS",
-            help="Age in days (default: DJANGO_CDP['RETENTION_DAYS']).",
+            help="Age in days (default: DJANGO_CDP['RETENTION_DAYS']); 0 keeps every message, "
+            "as RETENTION_DAYS = 0 does.",
         )
         parser.add_argument(
             "--user-id",
@@ -41,12 +43,9 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--batch-size",
-            type=int,
+            type=positive_int,
             default=retention.BATCH_SIZE,
             help=f"Rows per DELETE (default {retention.BATCH_SIZE}).",
-        )
-        parser.add_argument(
-            "--database", default=DEFAULT_DB_ALIAS, help="Database alias of the outbox."
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -57,30 +56,29 @@ class Command(BaseCommand):
                 raise CommandError("Give either --older-than or --user-id, not both.")
             self._erase(options["user_id"], using, dry_run)
             return
-        days = options["older_than"]
-        if days is None:
-            days = cdp_settings.RETENTION_DAYS
-            if days <= 0:
-                self.stdout.write("RETENTION_DAYS is 0: messages are kept; nothing purged.")
-                return
-        if days < 0:
-            raise CommandError("--older-than must be 0 or more days.")
-        if options["batch_size"] < 1:
-            raise CommandError("--batch-size must be at least 1.")
+        age = options["older_than"]
+        source = "--older-than"
+        if age is None:
+            age, source = cdp_settings.RETENTION_DAYS, "RETENTION_DAYS"
+        if age <= 0:
+            # 0 keeps everything, whichever says it (django_cdp.tasks.purge reads it so too):
+            # "--older-than 0" must not delete every sent message.
+            self.stdout.write(f"{source} is 0: messages are kept; nothing purged.")
+            return
         result = retention.purge(
-            datetime.timedelta(days=days),
+            datetime.timedelta(days=age),
             using=using,
             batch_size=options["batch_size"],
             dry_run=dry_run,
         )
         if dry_run:
             self.stdout.write(
-                f"Dry run: {result.deleted} sent or skipped message(s) older than {days} day(s) "
+                f"Dry run: {result.deleted} sent or skipped message(s) older than {age} day(s) "
                 "would be deleted."
             )
         else:
             self.stdout.write(
-                f"Deleted {result.deleted} sent or skipped message(s) older than {days} day(s) "
+                f"Deleted {result.deleted} sent or skipped message(s) older than {age} day(s) "
                 f"in {result.batches} batch(es). Pending, failed and blocked messages are kept."
             )
 
