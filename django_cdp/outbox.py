@@ -558,7 +558,7 @@ def after_save(instance: models.Model, config: ModelConfig, created: bool, using
         write = bool(changed) or entry is not None
     else:
         action, write = UPDATED, False
-    reidentifies = config.identify
+    reidentifies = config.identify or config.is_identity
     if not (write or reidentifies):
         return
 

@@ -138,7 +138,7 @@ def test_since_accepts_an_iso_datetime(backfill, legacy_shops):
         (["--since", "2020-01-01", "--date-field", "domain"], "is not a date field"),
         (["--filter", "nope=1"], "Invalid selection"),
         (["--filter", "domain"], "expected LOOKUP=VALUE"),
-        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--batch-size", "0"], "argument --batch-size: expected a whole number of at least 1"),
         (["--dry-run", "--deliver"], "nothing to --deliver"),
     ],
 )

@@ -72,8 +72,8 @@ def test_older_than_deletes_only_old_sent_and_skipped_messages(aged):
     assert "Deleted 2 sent or skipped message(s) older than 30 day(s)" in out
 
 
-def test_pending_failed_and_blocked_are_never_deleted_even_with_zero_days(aged):
-    purge("--older-than", "0")
+def test_pending_failed_and_blocked_are_never_deleted_even_with_one_day(aged):
+    purge("--older-than", "1")
     assert sorted({status for status, _ in remaining()}) == ["blocked", "failed", "pending"]
     assert len(remaining()) == 6
 
