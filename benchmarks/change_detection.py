@@ -9,13 +9,13 @@ Two ways to know which tracked fields an update changed (issue 2, "updated only
 when it matters"):
 
 * **SELECT** (what django-cdp implements): ``pre_save`` reads the tracked
-  columns of the row (``outbox.before_save``): one narrow SELECT per update,
+  columns of the row (``signals.before_save``): one narrow SELECT per update,
   nothing at load time.
 * **snapshot** (a prototype, in this file only): a ``post_init`` receiver on each
   registered model stores the tracked attnames' values on every instance Django
   builds; ``pre_save`` takes the reference values from that snapshot (no query)
   and ``post_save`` refreshes it. The prototype replaces
-  ``django_cdp.outbox.before_save`` for its blocks; the rest of the core (diff,
+  ``django_cdp.capture.signals.before_save`` for its blocks; the rest of the core (diff,
   message, outbox row, re-identify) is unchanged, so the two differ only in
   detection.
 
@@ -116,29 +116,30 @@ class Snapshot:
         """Snapshot on load, detect from the snapshot, refresh it after each save."""
         from django.db.models.signals import post_save
 
-        from django_cdp import outbox
+        from django_cdp.capture import signals
 
-        original = outbox.before_save
+        original = signals.before_save
 
         def before_save(instance, config, using, update_fields) -> None:
-            if outbox.UPDATED not in config.events or instance._state.adding or instance.pk is None:
+            if (
+                signals.UPDATED not in config.events
+                or instance._state.adding
+                or instance.pk is None
+            ):
                 return
-            columns = _columns(config, update_fields)
-            if not columns:
-                instance.__dict__[outbox._BEFORE] = {}
-                return
-            tx = outbox._current(using, create=False)
-            entry = tx.live(tx.changes, (config.label, instance.pk)) if tx is not None else None
+            written = signals.written_columns(config, update_fields)
+            entry = signals.live_entry(using, "changes", (config.label, instance.pk))
             if entry is not None:
-                instance.__dict__[outbox._BEFORE] = entry.reference
+                instance.__dict__[signals._BEFORE] = signals._Before(entry.current, written)
                 return
+            columns = tuple(config.tracked_columns)
             snap = instance.__dict__.get(SNAPSHOT)
             if snap is None or any(c not in snap for c in columns):
                 original(instance, config, using, update_fields)  # no snapshot: read the row
                 return
-            instance.__dict__[outbox._BEFORE] = {
-                c: outbox._comparable(config, c, snap[c]) for c in columns
-            }
+            instance.__dict__[signals._BEFORE] = signals._Before(
+                {c: signals._comparable(config, c, snap[c]) for c in columns}, written
+            )
 
         def refresh(sender, instance, raw, **kwargs) -> None:
             # Connected after django-cdp's post_save, so it runs after the diff.
@@ -146,7 +147,7 @@ class Snapshot:
             config = self.registry.get(sender)
             values = instance.__dict__
             values[SNAPSHOT] = {
-                a: outbox._comparable(config, a, values[a]) for a in attnames if a in values
+                a: signals._comparable(config, a, values[a]) for a in attnames if a in values
             }
 
         self.connect_loading()
@@ -157,11 +158,11 @@ class Snapshot:
                 weak=False,
                 dispatch_uid=f"bench-snapshot-refresh.{model._meta.label_lower}",
             )
-        outbox.before_save = before_save
+        signals.before_save = before_save
         try:
             yield
         finally:
-            outbox.before_save = original
+            signals.before_save = original
             for model in self.attnames:
                 post_save.disconnect(
                     sender=model, dispatch_uid=f"bench-snapshot-refresh.{model._meta.label_lower}"

@@ -123,7 +123,8 @@ class Bench:
         from auditlog.registry import auditlog
         from django.db.models.signals import post_save
 
-        from django_cdp import receivers, tracking_disabled
+        from django_cdp import tracking_disabled
+        from django_cdp.capture import signals as receivers
 
         if name == "django-cdp":
             yield
@@ -256,15 +257,21 @@ class Bench:
     def breakdown(self, n: int) -> None:
         """Where django-cdp's time goes: its recording steps timed one by one (median µs).
 
-        The steps are wrapped by replacing the module attributes of
-        ``django_cdp.outbox`` for this pass only (the receivers and the writer look
-        them up at call time); the wrappers add about 1 µs each.
+        The steps are wrapped by replacing the module attributes the signal engine
+        looks them up in, for this pass only; the wrappers add about 1 µs each.
         """
-        from django_cdp import outbox
+        from django_cdp.capture import owners, signals
 
-        wanted = ("before_save", "after_save", "reidentify", "_read_traits", "_store")
-        steps = tuple(name for name in wanted if hasattr(outbox, name))  # the core may evolve
-        originals = {name: getattr(outbox, name) for name in steps}
+        targets = (
+            (signals, "before_save"),
+            (signals, "after_save"),
+            (signals, "plan_identify"),
+            (owners, "read_traits"),
+            (signals, "store"),
+            (signals, "insert"),
+        )
+        steps = tuple(name for _, name in targets)
+        originals = {(module, name): getattr(module, name) for module, name in targets}
         times: dict[tuple[str, ...], list[float]] = defaultdict(list)
         clock = time.perf_counter_ns
         cell: list[str] = []  # the (op, mode) being measured
@@ -281,8 +288,8 @@ class Bench:
 
         rows = []
         try:
-            for name, func in originals.items():
-                setattr(outbox, name, wrap(name, func))
+            for (module, name), func in originals.items():
+                setattr(module, name, wrap(name, func))
             for mode in MODES:
                 for op in OPS:
                     cell[:] = [op, mode]
@@ -293,13 +300,13 @@ class Bench:
                         + [f"{_common.median(m):.0f}" if m else "-" for m in medians]
                     )
         finally:
-            for name, func in originals.items():
-                setattr(outbox, name, func)
+            for (module, name), func in originals.items():
+                setattr(module, name, func)
         print(f"## django-cdp: median µs per step ({n} ops each, not interleaved)\n")
         print(
             "before_save = pre_save (SELECT of the tracked columns on update); after_save = "
-            "post_save, including reidentify (_read_traits + digest compare) and _store "
-            "(build + INSERT of the message row)\n"
+            "post_save, including plan_identify (read_traits + digest compare) and store / "
+            "insert (the INSERT of a message row)\n"
         )
         print(_common.table(["op, mode", *steps], rows))
         print()

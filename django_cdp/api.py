@@ -12,7 +12,7 @@ from typing import Any
 
 from django.db import models, router
 
-from django_cdp import outbox
+from django_cdp.capture import signals
 from django_cdp.context import tracking_active, tracking_disabled
 from django_cdp.models import Message
 from django_cdp.registry import registry
@@ -48,7 +48,7 @@ def track(
         raise ValueError("track() needs a non-empty event name")
     if not tracking_active():
         return None
-    return outbox.record_track(instance, event, properties or {}, _using(instance))
+    return signals.record_track(instance, event, properties or {}, _using(instance))
 
 
 def identify(instance: models.Model, *, force: bool = False) -> None:
@@ -62,6 +62,6 @@ def identify(instance: models.Model, *, force: bool = False) -> None:
     _check_registered(instance)
     if not tracking_active():
         return
-    outbox.record_identify(
+    signals.record_identify(
         instance, _using(instance), force=force or cdp_settings.SEND_UNCHANGED_IDENTIFY
     )

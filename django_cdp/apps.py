@@ -9,8 +9,9 @@ class DjangoCdpConfig(AppConfig):
     def ready(self) -> None:
         # Registering checks and wiring receivers never raises on a bad DJANGO_CDP
         # dict: broken entries are skipped here and reported by ``manage.py check``.
-        from django_cdp import checks, login, receivers
+        from django_cdp import checks, login
+        from django_cdp.capture import signals
 
         checks.register()
-        receivers.connect()
+        signals.connect()
         login.connect()

@@ -40,10 +40,11 @@ from django.core.exceptions import FieldDoesNotExist
 from django.db import models, transaction
 from django.utils import timezone
 
-from django_cdp import outbox, payloads
+from django_cdp import payloads
+from django_cdp.capture import owners
+from django_cdp.capture.rows import build_row
 from django_cdp.models import Message, TraitsDigest
 from django_cdp.registry import CREATED, ModelConfig, registry
-from django_cdp.rows import build_row
 from django_cdp.signals import message_created
 from django_cdp.validation import TrackingPlanViolation
 
@@ -207,7 +208,7 @@ def backfill_identify(
                 continue
             # A failure is stored as a failed identify with its reason, as a change's would be.
             try:
-                user_id = outbox.resolve_owner(obj, config, using)[1]
+                user_id = owners.resolve_owner(obj, config, using)[1]
             except Exception as exc:
                 read.append((obj, None, None, "", f"owner: {_describe(exc)}"))
                 continue
@@ -370,7 +371,7 @@ def backfill_created(
                 _error(result, on_error, pk, f"ValueError: {timestamp_field} is empty")
                 continue
             try:
-                owner, problem = outbox.resolve_owner(obj, config, using), ""
+                owner, problem = owners.resolve_owner(obj, config, using), ""
             except Exception as exc:
                 owner, problem = None, f"owner: {_describe(exc)}"
             message = partial(

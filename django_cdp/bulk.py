@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from django.db import models, router, transaction
 
-from django_cdp import outbox
+from django_cdp.capture import signals
 from django_cdp.context import tracking_active
 from django_cdp.registry import registry
 
@@ -47,8 +47,8 @@ def _record_updates(
 ) -> None:
     for instance in instances:
         if instance.pk in before:
-            outbox.remember_before(instance, before[instance.pk], written)
-        outbox.guarded(outbox.after_save, instance, config, False, using)
+            signals.remember_before(instance, before[instance.pk], written)
+        signals.guarded(signals.after_save, instance, config, False, using)
 
 
 def bulk_create(objs: Iterable[M], *, using: str | None = None, **kwargs: Any) -> list[M]:
@@ -73,7 +73,7 @@ def bulk_create(objs: Iterable[M], *, using: str | None = None, **kwargs: Any) -
                     "django-cdp cannot track these rows"
                 )
             for obj in created:
-                outbox.guarded(outbox.after_save, obj, config, True, using)
+                signals.guarded(signals.after_save, obj, config, True, using)
     return created
 
 
@@ -88,7 +88,7 @@ def bulk_update(
     model = type(objs[0])
     config = _config(model)
     using = using or router.db_for_write(model)
-    written = outbox.written_columns(config, frozenset(fields))
+    written = signals.written_columns(config, frozenset(fields))
     with transaction.atomic(using=using, savepoint=False):
         active = tracking_active()
         before = _before(model, using, [o.pk for o in objs], config) if active else {}

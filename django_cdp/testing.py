@@ -221,14 +221,14 @@ def _user_id(user: Any) -> str | None:
         return user
     from django.db import router
 
-    from django_cdp import outbox
+    from django_cdp.capture.owners import resolve_owner
     from django_cdp.registry import registry
 
     config = registry.get(type(user))
     if config is None:
         raise TypeError(f"{user!r} is not an instance of a model django-cdp tracks")
     using = user._state.db or router.db_for_read(type(user), instance=user)
-    owner = outbox.resolve_owner(user, config, using)
+    owner = resolve_owner(user, config, using)
     return owner[1] if owner else None
 
 
@@ -278,14 +278,14 @@ def capture_messages(
     """
     from django.db import connections
 
-    from django_cdp import outbox
+    from django_cdp.capture.state import forget_transaction
     from django_cdp.models import Message
     from django_cdp.signals import message_created
 
     if new_transaction:
         aliases = [using] if using else [c.alias for c in connections.all(initialized_only=True)]
         for alias in aliases:
-            outbox.forget_transaction(alias)
+            forget_transaction(alias)
     captured = CapturedMessages()
     uid = f"django_cdp.testing.capture_messages:{next(_uids)}"
     message_created.connect(captured._record, sender=Message, weak=False, dispatch_uid=uid)

@@ -115,12 +115,12 @@ def failure(request, settings, monkeypatch, transactional_db) -> Failure:
 
         monkeypatch.setattr(validation, "violations_of", crash)
     if failure.name == "owner error":
-        from django_cdp import outbox
+        from django_cdp.capture import owners
 
         def crash(*args, **kwargs):
             raise RuntimeError("owner lookup crashed")
 
-        monkeypatch.setattr(outbox, "resolve_owner", crash)
+        monkeypatch.setattr(owners, "resolve_owner", crash)
     settings.DJANGO_CDP = tracking_settings(failure)
     failure.shop = healthy_shop  # type: ignore[attr-defined]
     Message.objects.all().delete()

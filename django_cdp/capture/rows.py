@@ -41,6 +41,10 @@ SourceRef = tuple[type[models.Model], Any]
 EXCERPT_CHARS = 500
 
 
+def source_of(instance: models.Model) -> SourceRef:
+    return type(instance), instance.pk
+
+
 def describe(source: SourceRef) -> str:
     return f"{source[0]._meta.label} pk={source[1]!r}"
 
