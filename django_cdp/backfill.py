@@ -32,7 +32,7 @@ from __future__ import annotations
 import datetime
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -45,6 +45,7 @@ from django_cdp.capture import owners
 from django_cdp.capture.rows import build_row
 from django_cdp.models import Message, TraitsDigest
 from django_cdp.registry import CREATED, ModelConfig, registry
+from django_cdp.settings import cdp_settings
 from django_cdp.signals import message_created
 from django_cdp.validation import TrackingPlanViolation
 
@@ -157,6 +158,50 @@ def _fetch(
     return rows, broken
 
 
+def _read_identities(
+    pks: list[Any], using: str, result: BackfillResult, on_error: ErrorHandler | None
+) -> list[tuple[Any, models.Model | None, owners.Traits]]:
+    """(pk, object, traits) of a batch of identity rows.
+
+    On PostgreSQL the database computes the traits and their digests in one
+    query, as the triggers do, without loading the objects (unless an
+    ``ENRICH_MESSAGE`` hook needs them); elsewhere the objects are loaded with
+    their trait paths joined and converted in Python. A failure is returned as
+    traits that cannot be sent, stored as a failed identify with its reason.
+    """
+    identity = registry.identity
+    if owners.in_database(using) and cdp_settings.ENRICH_MESSAGE is None:
+        batch = owners.traits_batch(pks, using)
+        out = [(pk, None, batch[str(pk)]) for pk in pks if str(pk) in batch]
+        result.gone += len(pks) - len(out)
+        result.done += len(pks) - len(out)
+        return out
+    config = registry.get(identity.model)
+    rows_by_pk, broken = _fetch(identity.model, identity.traits, pks, using, result)
+    for pk in broken:
+        _error(result, on_error, pk, "a foreign key on a trait path points to a missing row")
+    read = []
+    for pk in pks:
+        obj = rows_by_pk.get(pk)
+        if obj is None:
+            continue
+        try:
+            user_id = owners.resolve_owner(obj, config, using)[1]
+        except Exception as exc:
+            read.append((pk, obj, owners.Traits(None, f"owner: {_describe(exc)}", "", None)))
+            continue
+        traits = owners.traits_from(
+            partial(payloads.read_sources, obj, identity.traits), None, user_id
+        )
+        read.append((pk, obj, traits))
+    stored = dict(
+        TraitsDigest.objects.using(using)
+        .filter(user_id__in=[t.user_id for _, _, t in read if t.user_id])
+        .values_list("user_id", "digest")
+    )
+    return [(pk, obj, replace(t, stored=stored.get(t.user_id))) for pk, obj, t in read]
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -195,53 +240,30 @@ def backfill_identify(
     ``on_progress(done)`` counts towards (the caller's ``COUNT(*)``).
     """
     identity = registry.identity
-    config = registry.get(identity.model)
     result = BackfillResult("identify", total=total or 0)
     for pks in _batches(queryset, batch_size):
-        rows_by_pk, broken = _fetch(identity.model, identity.traits, pks, using, result)
-        for pk in broken:
-            _error(result, on_error, pk, "a foreign key on a trait path points to a missing row")
-        read: list[tuple[models.Model, str | None, dict[str, Any] | None, str, str]] = []
-        for pk in pks:
-            obj = rows_by_pk.get(pk)
-            if obj is None:
-                continue
-            # A failure is stored as a failed identify with its reason, as a change's would be.
-            try:
-                user_id = owners.resolve_owner(obj, config, using)[1]
-            except Exception as exc:
-                read.append((obj, None, None, "", f"owner: {_describe(exc)}"))
-                continue
-            try:
-                traits = payloads.read_sources(obj, identity.traits)
-            except payloads.PayloadError as exc:
-                read.append((obj, user_id, None, "", str(exc)))
-            else:
-                read.append((obj, user_id, traits, payloads.traits_digest(traits), ""))
-        user_ids = [user_id for _, user_id, _, _, _ in read if user_id]
-        stored = dict(
-            TraitsDigest.objects.using(using)
-            .filter(user_id__in=user_ids)
-            .values_list("user_id", "digest")
-        )
+        read = _read_identities(pks, using, result, on_error)
         rows: list[Message] = []
         digests: dict[str, tuple[str, str, str]] = {}
-        for obj, user_id, traits, digest, problem in read:
-            if not force and user_id and digest and stored.get(user_id) == digest:
+        for pk, obj, traits in read:
+            user_id, digest = traits.user_id, traits.digest
+            if not force and user_id and digest and traits.stored == digest:
                 result.unchanged += 1
                 result.done += 1
                 continue
             message_id = payloads.new_message_id()
             try:
                 row = build_row(
-                    partial(payloads.identify_message, user_id, traits, message_id=message_id),
+                    partial(
+                        payloads.identify_message, user_id, traits.values, message_id=message_id
+                    ),
                     payloads.identify_message(user_id, {}, message_id=message_id),
                     instance=obj,
-                    source=(identity.model, obj.pk),
-                    error=problem,
+                    source=(identity.model, pk),
+                    error=traits.error,
                 )
             except TrackingPlanViolation as exc:  # VALIDATION = "raise"
-                _error(result, on_error, obj.pk, _describe(exc))
+                _error(result, on_error, pk, _describe(exc))
                 continue
             rows.append(row)
             result.done += 1
@@ -251,11 +273,7 @@ def backfill_identify(
             else:
                 result.unsendable += 1
                 _error(
-                    result,
-                    on_error,
-                    obj.pk,
-                    f"stored as {row.status}: {row.last_error}",
-                    count=False,
+                    result, on_error, pk, f"stored as {row.status}: {row.last_error}", count=False
                 )
             if result.sample is None:
                 result.sample = row.payload

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from django.db import models, router, transaction
 
-from django_cdp.capture import signals
+from django_cdp.capture import engines, signals
 from django_cdp.context import tracking_active
 from django_cdp.registry import registry
 
@@ -27,6 +27,11 @@ def _config(model: type[models.Model]):
     if config is None:
         raise TypeError(f"{model._meta.label} is not registered in DJANGO_CDP['MODELS']")
     return config
+
+
+def _recorded(model: type[models.Model], using: str) -> bool:
+    """Whether the helper records the messages (the signal engine), or the triggers do."""
+    return tracking_active() and engines.engine_for(model, using) == engines.SIGNALS
 
 
 def _before(model: type[models.Model], using: str, pks: list[Any], config) -> dict:
@@ -66,7 +71,7 @@ def bulk_create(objs: Iterable[M], *, using: str | None = None, **kwargs: Any) -
     using = using or router.db_for_write(model)
     with transaction.atomic(using=using, savepoint=False):
         created = model._default_manager.using(using).bulk_create(objs, **kwargs)
-        if tracking_active():
+        if _recorded(model, using):
             if any(obj.pk is None for obj in created):
                 raise ValueError(
                     f"bulk_create on {using!r} did not return primary keys: "
@@ -90,7 +95,7 @@ def bulk_update(
     using = using or router.db_for_write(model)
     written = signals.written_columns(config, frozenset(fields))
     with transaction.atomic(using=using, savepoint=False):
-        active = tracking_active()
+        active = _recorded(model, using)
         before = _before(model, using, [o.pk for o in objs], config) if active else {}
         count = model._default_manager.using(using).bulk_update(objs, fields, **kwargs)
         if active:
@@ -109,7 +114,7 @@ def queryset_update(queryset: models.QuerySet, **values: Any) -> int:
     config = _config(model)
     using = queryset.db
     with transaction.atomic(using=using, savepoint=False):
-        if not tracking_active():
+        if not _recorded(model, using):
             return queryset.update(**values)
         pks = list(queryset.values_list("pk", flat=True))
         before = _before(model, using, pks, config)

@@ -9,14 +9,20 @@ Ids are stable (users silence them by id):
   ``E008`` unknown per-model key; ``E009`` broken ``EVENTS`` entry or unknown ``VALIDATION``
   mode; ``E010`` broken ``LOGIN`` (unknown key, owner path or function not found);
   ``E011`` broken ``FRONTEND`` (unknown key or SDK, missing ``SDK_URL``, unknown trait).
+  ``E013`` a model asks for ``capture = "triggers"`` (or ``CAPTURE``) but the triggers
+  cannot compute its mapping there, or ``VALIDATION = "raise"`` with triggers.
 - ``W001`` no write key or data plane URL: messages wait as pending.
 - ``W002`` ``DELIVERY = "celery"`` but no Celery broker configured.
 - ``I001`` a database that holds the outbox cannot ``SKIP LOCKED``: run a single delivery
   worker. A database check: shown by ``migrate`` and ``check --database <alias>``, not by
   every command.
+- ``I002`` (database check) which engine captures each registered model there, and why.
+- ``W003`` (database check) capture triggers missing or outdated after a settings change:
+  ``migrate`` or ``cdp_triggers install`` updates them.
 
 None of these queries a table or connects to the broker, so ``check`` works before
-``migrate`` and without a broker running (I001 asks only the backend's features).
+``migrate`` and without a broker running (I001 asks only the backend's features; W003 reads
+the catalog of the database it is given).
 """
 
 from __future__ import annotations
@@ -119,10 +125,87 @@ def check_outbox_databases(
     return messages
 
 
+TRIGGERS_DOC = "docs/triggers.md"
+
+
+def check_capture(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """E013: triggers asked for where they cannot compute the mapping (or cannot raise)."""
+    from django_cdp.capture import engines
+
+    messages: list[checks.CheckMessage] = []
+    for config in registry:
+        if engines.requested(config) != engines.TRIGGERS:
+            continue
+        key = (
+            f"{SETTING_NAME}['MODELS'][{config.label!r}]['capture']"
+            if config.capture
+            else f"{SETTING_NAME}['CAPTURE']"
+        )
+        vendor = connections[engines.database_of(config.model)].vendor
+        choice = engines.choose(config, vendor)
+        if choice.engine != engines.TRIGGERS:
+            messages.append(
+                checks.Error(
+                    f"{key} = 'triggers', but {config.label} cannot be captured by triggers: "
+                    f"{choice.reason}.",
+                    hint="Use 'auto' (triggers where they can, signals elsewhere) or 'signals' "
+                    f"for this model. See {DOCS_BASE}{TRIGGERS_DOC}#which-engine.",
+                    id="django_cdp.E013",
+                )
+            )
+        elif cdp_settings.VALIDATION == "raise":
+            messages.append(
+                checks.Error(
+                    f"{SETTING_NAME}['VALIDATION'] = 'raise' cannot raise from a trigger, and "
+                    f"{config.label} is captured by triggers ({key} = 'triggers').",
+                    hint="Use 'flag' or 'block' (checked at delivery for trigger-written "
+                    f"messages). See {DOCS_BASE}{TRIGGERS_DOC}#python-at-delivery.",
+                    id="django_cdp.E013",
+                )
+            )
+    return messages
+
+
+def check_triggers(
+    app_configs: Any = None, databases: list[str] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """I002 (the engine of each model) and W003 (triggers missing or outdated) per database."""
+    from django_cdp.capture import engines, triggers
+
+    messages: list[checks.CheckMessage] = []
+    for alias in databases or ():
+        if not router.allow_migrate_model(alias, Message):
+            continue
+        rows = triggers.status(alias)
+        lines = "; ".join(f"{row.label}: {row.engine} ({row.reason})" for row in rows)
+        messages.append(
+            checks.Info(
+                f"Capture engines on database {alias!r}: {lines}.",
+                hint=f"See {DOCS_BASE}{TRIGGERS_DOC}#which-engine.",
+                id="django_cdp.I002",
+            )
+        )
+        stale = [row for row in rows if row.engine == engines.TRIGGERS and not row.ok]
+        if stale:
+            names = ", ".join(f"{row.label} ({row.state})" for row in stale)
+            messages.append(
+                checks.Warning(
+                    f"Capture triggers on database {alias!r} do not match DJANGO_CDP: {names}.",
+                    hint="Run `manage.py migrate` or `manage.py cdp_triggers install`; until "
+                    "then these models are captured as the installed triggers say. "
+                    f"See {DOCS_BASE}{TRIGGERS_DOC}#installation.",
+                    id="django_cdp.W003",
+                )
+            )
+    return messages
+
+
 def register() -> None:
     checks.register(check_settings, "django_cdp")
     checks.register(check_delivery, "django_cdp")
     checks.register(check_outbox_databases, "django_cdp", checks.Tags.database)
+    checks.register(check_capture, "django_cdp")
+    checks.register(check_triggers, "django_cdp", checks.Tags.database)
     checks.register(dictionary.check_plan, "django_cdp")
     checks.register(login.check_login, "django_cdp")
     checks.register(frontend.check_frontend, "django_cdp")

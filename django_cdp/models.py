@@ -78,6 +78,20 @@ class Message(models.Model):
         help_text="Tracking-plan violations found when the message was written "
         "(RudderStack's names: Unplanned-Event, Required-Missing, ...); empty when it conforms.",
     )
+    xid = models.BigIntegerField(
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="The id of the database transaction that wrote the row, while a trigger "
+        "may still coalesce into it; delivery clears it when it claims the row.",
+    )
+    capture = models.JSONField(
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="What the capture triggers remember about the row within its transaction "
+        "(the action, the reference values of an update, an identify's traits digest).",
+    )
 
     class Meta:
         verbose_name = "message"
@@ -107,6 +121,13 @@ class Message(models.Model):
             models.Index(fields=["user_id", "id"], name="django_cdp_message_user_id"),
             models.Index(fields=["event", "id"], name="django_cdp_message_event"),
             models.Index(fields=["source_model", "source_pk"], name="django_cdp_message_source"),
+            # The capture triggers' lookup of the rows their transaction wrote: only rows
+            # not yet claimed by delivery (xid set), so it stays small.
+            models.Index(
+                fields=["xid", "source_model", "source_pk"],
+                condition=Q(xid__isnull=False),
+                name="django_cdp_message_open",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -35,7 +35,11 @@ from django_cdp.settings import (
 CREATED, UPDATED, DELETED = "created", "updated", "deleted"
 ACTIONS = (CREATED, UPDATED, DELETED)
 
-MODEL_KEYS = frozenset({"owner", "events", "properties", "event_names", "integrations", "identify"})
+MODEL_KEYS = frozenset(
+    {"owner", "events", "properties", "event_names", "integrations", "identify", "capture"}
+)
+#: The values of ``CAPTURE`` and of a model's ``capture`` key.
+CAPTURE_MODES = ("auto", "signals", "triggers")
 IDENTITY_KEYS = frozenset({"model", "user_id", "traits"})
 
 #: Check hints end with a page of django-cdp's repository (the docs are not installed
@@ -98,6 +102,8 @@ class ModelConfig:
     event_names: dict[str, str]
     integrations: dict[str, Any] | None
     identify: bool
+    #: The model's ``capture`` key (None: the top-level ``CAPTURE``).
+    capture: str | None = None
     is_identity: bool = False
     # attname -> names of the properties it feeds; the columns whose changes make an Updated.
     tracked_columns: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -252,6 +258,18 @@ def parse(config: Any) -> _Parsed:
                 f"not {config['DELIVERY']!r}.",
                 "'celery' kicks a worker after each commit; 'manual' leaves delivery to "
                 "`manage.py cdp_deliver`.",
+            )
+        )
+
+    capture = config.get("CAPTURE", "auto")
+    if isinstance(capture, str) and capture not in CAPTURE_MODES:
+        out.problems.append(
+            _error(
+                "E001",
+                f"{SETTING_NAME}['CAPTURE'] must be 'auto', 'signals' or 'triggers', "
+                f"not {capture!r}." + did_you_mean(capture, CAPTURE_MODES),
+                "'auto' captures with database triggers on PostgreSQL where it can, with "
+                "signals elsewhere.",
             )
         )
 
@@ -457,6 +475,17 @@ def _parse_model(
             _error("E008", f"{key}['identify'] must be True or False.", "Default: True.")
         )
         ok = False
+    capture = options.get("capture")
+    if capture is not None and capture not in CAPTURE_MODES:
+        problems.append(
+            _error(
+                "E008",
+                f"{key}['capture'] = {capture!r} is not a capture engine."
+                + did_you_mean(capture, CAPTURE_MODES),
+                "Use 'auto', 'signals' or 'triggers' (default: the top-level CAPTURE).",
+            )
+        )
+        ok = False
 
     properties = _parse_sources(
         model, options.get("properties", []), f"{key}['properties']", "E005", problems
@@ -488,6 +517,7 @@ def _parse_model(
         event_names=event_names,
         integrations=integrations,
         identify=identify,
+        capture=capture,
         is_identity=is_identity,
         tracked_columns={k: tuple(v) for k, v in tracked.items()},
         column_fields=column_fields,

@@ -109,6 +109,12 @@ SETTINGS: dict[str, Setting] = {
     "FRONTEND": Setting(
         {}, (dict,), "The browser source of {% cdp_snippet %}: WRITE_KEY, DATA_PLANE_URL, ..."
     ),
+    "CAPTURE": Setting(
+        "auto",
+        (str,),
+        "How changes are captured: 'auto' (triggers on PostgreSQL where the database can "
+        "compute the mapping, signals elsewhere), 'signals' or 'triggers'.",
+    ),
 }
 
 #: Keys whose value is a dotted path that ``cdp_settings`` returns imported (as DRF's

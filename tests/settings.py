@@ -75,6 +75,9 @@ DJANGO_CDP = {
     "WRITE_KEY": "",
     "DATA_PLANE_URL": "",
     "DELIVERY": "manual",
+    # The suite's default engine; tests/core runs its behaviour tests under both engines on
+    # PostgreSQL (the ``engine`` fixture), and tests/triggers tests the trigger engine.
+    "CAPTURE": "signals",
     "IDENTITY": IDENTITY,
     "MODELS": MODELS,
 }

@@ -8,13 +8,18 @@ differ (at most once per transaction, with the final traits).
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
-from django.db import DatabaseError, models
+from django.db import DatabaseError, connections, models
 from django.db.models import Subquery
 
 from django_cdp import payloads
+from django_cdp.capture import sql
+from django_cdp.capture.engines import identity_blocker
 from django_cdp.capture.rows import build_row
 from django_cdp.capture.state import (
     Entry,
@@ -83,15 +88,56 @@ def owner_or_reason(
         return None, f"owner: {type(exc).__name__}: {exc}"
 
 
-def read_traits(owner: Owner, using: str, instance: models.Model | None):
-    """The owner's current traits (a callable that converts them) and its recorded digest.
+@dataclass(frozen=True)
+class Traits:
+    """An owner's traits as the database holds them, and whether they changed."""
 
-    One query reads the traits as the database holds them, with the digest of
-    the last identify recorded for the user. Returns None when the owner row
-    is gone. The traits come back as a function, so that a value that cannot
-    be converted fails inside :func:`build_row`, as a failed identify row.
+    values: dict[str, Any] | None  # None when a value cannot be sent
+    error: str  # why not ("score: inf is not a JSON number")
+    digest: str  # "" when the values cannot be sent
+    stored: str | None  # the digest of the last identify recorded for the user
+    user_id: str | None = None  # the owner's userId, where it was read with the traits
+
+
+def in_database(using: str) -> bool:
+    """Whether the database computes traits and their digest (PostgreSQL, and every trait a
+    field or a path): the trigger engine does there, so the signal engine must too."""
+    identity = registry.identity
+    return connections[using].vendor == "postgresql" and identity_blocker(identity) is None
+
+
+def traits_batch(pks: list[Any], using: str) -> dict[str, Traits]:
+    """Owners' traits and digests computed in the database, one query: pk text -> traits."""
+    connection = connections[using]
+    query = sql.traits_query(
+        sql.Builder(connection),
+        registry.identity,
+        connection.ops.quote_name(TraitsDigest._meta.db_table),
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(query, [[str(pk) for pk in pks]])
+        rows = cursor.fetchall()
+    out = {}
+    for pk, uid, text, error, digest, stored in rows:
+        if error:
+            out[pk] = Traits(None, error, "", stored, uid)
+        else:
+            out[pk] = Traits(json.loads(text, parse_float=Decimal), "", digest, stored, uid)
+    return out
+
+
+def read_traits(owner: Owner, using: str, instance: models.Model | None) -> Traits | None:
+    """The owner's current traits, their digest, and the digest last recorded for the user.
+
+    One query. On PostgreSQL (every trait a field or a path) the database
+    computes them, as the triggers do, so both engines agree on the digest;
+    elsewhere they are read with the ORM and converted in Python, and a
+    property or method computes from the instance in hand. None when the owner
+    row is gone.
     """
     identity = registry.identity
+    if in_database(using):
+        return traits_batch([owner[0]], using).get(str(owner[0]))
     digest = Subquery(
         TraitsDigest.objects.using(using).filter(user_id=owner[1]).values("digest")[:1]
     )
@@ -104,19 +150,29 @@ def read_traits(owner: Owner, using: str, instance: models.Model | None):
                 return None
             stored = instance.django_cdp_digest
         else:
-            # Properties and methods compute from the instance in hand.
             stored = (
                 TraitsDigest.objects.using(using)
                 .filter(user_id=owner[1])
                 .values_list("digest", flat=True)
                 .first()
             )
-        obj = instance
-        return (lambda: payloads.read_sources(obj, identity.traits)), stored
+        return traits_from(lambda: payloads.read_sources(instance, identity.traits), stored)
     row = queryset.values(*identity.trait_paths, "django_cdp_digest").first()
     if row is None:
         return None
-    return (lambda: payloads.values_of(row, identity.traits)), row["django_cdp_digest"]
+    return traits_from(lambda: payloads.values_of(row, identity.traits), row["django_cdp_digest"])
+
+
+def traits_from(
+    read: Callable[[], dict[str, Any]], stored: str | None, user_id: str | None = None
+) -> Traits:
+    """Traits converted in Python (``read`` raises ``PayloadError`` for a value with no JSON
+    form), with their digest."""
+    try:
+        values = read()
+    except payloads.PayloadError as exc:
+        return Traits(None, str(exc), "", stored, user_id)
+    return Traits(values, "", payloads.traits_digest(values), stored, user_id)
 
 
 @dataclass
@@ -143,15 +199,8 @@ def plan_identify(
     read = read_traits(owner, using, instance)
     if read is None:
         return None
-    traits_of, stored = read
+    traits, error, digest, stored = read.values, read.error, read.digest, read.stored
     source = (registry.identity.model, owner[0])
-    try:
-        traits = traits_of()
-    except payloads.PayloadError as exc:
-        traits, error = None, str(exc)
-    else:
-        error = ""
-    digest = payloads.traits_digest(traits) if traits is not None else ""
     entry = live_entry(using, "identifies", owner[0])
     if entry is not None:
         if digest and entry.digest == digest and not (force and entry.row_id is None):

@@ -37,11 +37,13 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.core.signals import setting_changed
-from django.db import DatabaseError, models
+from django.db import DatabaseError, connections, models
 from django.db.models.signals import post_delete, post_save, pre_delete, pre_save
 from django.dispatch import receiver
 
 from django_cdp import payloads, statements, validation
+from django_cdp.capture import context, engines
+from django_cdp.capture.engines import SIGNALS, TRIGGERS
 from django_cdp.capture.owners import (
     Owner,
     apply_identify,
@@ -427,33 +429,46 @@ def guarded(action: Callable[..., None], instance: models.Model, *args: Any) -> 
 _connected: list[type[models.Model]] = []
 
 
-def _pre_save(sender, instance, raw, using, update_fields, **kwargs: Any) -> None:
+def _captured(sender: type[models.Model], using: str) -> ModelConfig | None:
+    """The config of a model whose change on ``using`` this engine records now, or None
+    (not registered, tracking off, or captured by triggers on that database)."""
     config = registry.get(sender)
-    if raw or config is None or not tracking_active():
+    if config is None or not tracking_active() or engines.engine_for(sender, using) != SIGNALS:
+        return None
+    return config
+
+
+def _pre_save(sender, instance, raw, using, update_fields, **kwargs: Any) -> None:
+    if raw:
+        # Fixtures (loaddata) are not changes: silence the triggers for this save too.
+        context.raw_save(using, True)
         return
-    guarded(before_save, instance, config, using, update_fields)
+    config = _captured(sender, using)
+    if config is not None:
+        guarded(before_save, instance, config, using, update_fields)
 
 
 def _post_save(sender, instance, created, raw, using, **kwargs: Any) -> None:
-    config = registry.get(sender)
-    if raw or config is None or not tracking_active():
+    if raw:
+        context.raw_save(using, False)
+        return
+    config = _captured(sender, using)
+    if config is None:
         forget_before(instance)
         return
     guarded(after_save, instance, config, created, using)
 
 
 def _pre_delete(sender, instance, using, **kwargs: Any) -> None:
-    config = registry.get(sender)
-    if config is None or not tracking_active():
-        return
-    guarded(before_delete, instance, config, using)
+    config = _captured(sender, using)
+    if config is not None:
+        guarded(before_delete, instance, config, using)
 
 
 def _post_delete(sender, instance, using, **kwargs: Any) -> None:
-    config = registry.get(sender)
-    if config is None or not tracking_active():
-        return
-    guarded(after_delete, instance, config, using)
+    config = _captured(sender, using)
+    if config is not None:
+        guarded(after_delete, instance, config, using)
 
 
 _RECEIVERS = (
@@ -465,10 +480,20 @@ _RECEIVERS = (
 
 
 def connect() -> None:
-    """Connect the receivers to every registered model (and only those)."""
+    """Connect the receivers to every registered model.
+
+    A model captured by triggers on every database gets only the save receivers,
+    which keep fixtures silent; no delete receiver, so it keeps Django's fast
+    deletes (a ``pre_delete`` listener would turn them off).
+    """
     disconnect()
     for config in registry:
+        triggers_only = all(
+            engines.engine_for(config.model, alias) == TRIGGERS for alias in connections
+        )
         for signal, func in _RECEIVERS:
+            if triggers_only and signal in (pre_delete, post_delete):
+                continue
             signal.connect(
                 func, sender=config.model, weak=False, dispatch_uid=_uid(func, config.model)
             )

@@ -9,6 +9,7 @@ import pytest
 
 from django_cdp.models import Message
 from example_project.shops.models import Plan, Shop
+from tests.conftest import DATABASE
 
 
 class Outbox:
@@ -36,8 +37,20 @@ class Outbox:
         Message.objects.using(self.using).all().delete()
 
 
+#: The capture engines the core's behaviour tests run under: both on PostgreSQL, where the
+#: trigger engine must write the messages the signal engine writes.
+ENGINES = ["signals", "triggers"] if DATABASE == "postgres" else ["signals"]
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request, transactional_db, settings) -> str:
+    """The capture engine of this run of the test (its triggers installed for it)."""
+    settings.DJANGO_CDP = {**settings.DJANGO_CDP, "CAPTURE": request.param}
+    return request.param
+
+
 @pytest.fixture
-def outbox(transactional_db) -> Outbox:
+def outbox(engine) -> Outbox:
     return Outbox()
 
 

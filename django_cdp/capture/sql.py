@@ -1,0 +1,322 @@
+"""SQL that computes messages in PostgreSQL, exactly as the signal engine builds them in Python.
+
+The trigger engine (:mod:`django_cdp.capture.triggers`) writes its functions from
+these pieces, and the signal engine reads an owner's traits and their digest
+through :func:`traits_query` on PostgreSQL, so that both engines compute traits
+(and the digest that says whether they changed) with the same SQL.
+
+How a row is read: always through ``to_jsonb(row)`` and its keys, never as
+``NEW.column``. A column that a migration renamed or dropped then reads as
+NULL until the triggers are installed again, instead of failing the user's
+write (PL/pgSQL does not track which columns a function body uses). No value of
+the user's data is ever cast: numbers, strings, booleans, UUIDs, dates and
+JSON are taken from the jsonb as they are; times are rewritten as text; the
+only casts are of a foreign key's own text back to its column type, to look up
+the row it points to.
+
+Every value's JSON form matches :func:`django_cdp.payloads.field_value`:
+
+* a ``numeric`` keeps its column's scale in jsonb (``49.90``), like a quantized
+  ``Decimal``;
+* a ``timestamptz`` is rendered in UTC with a ``Z`` and microseconds only when
+  there are some, as ``datetime.isoformat()`` does (the functions run with
+  ``TimeZone = 'UTC'``, so jsonb renders ``+00:00``, which :data:`UTC_FUNCTION`
+  rewrites);
+* a non-finite float (jsonb gives ``"NaN"``, ``"Infinity"``) is not sent: the
+  row fails with the signal engine's reason (``score: inf is not a JSON number``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from django.db import models
+from django.db.backends.base.base import BaseDatabaseWrapper
+
+from django_cdp import __version__
+from django_cdp.capture.engines import value_field
+from django_cdp.payloads import LIBRARY_NAME
+from django_cdp.registry import IdentityConfig, ModelConfig, Source
+
+#: Dollar-quote tag of every generated function body.
+BODY_TAG = "$django_cdp$"
+
+#: ``text`` of a jsonb timestamp in UTC -> the signal engine's ISO form (``…T10:34:56.5Z`` is
+#: ``…T10:34:56.500000Z``; whole seconds have no fraction).
+UTC_FUNCTION = "django_cdp_utc"
+UTC_FUNCTION_SQL = f"""
+CREATE OR REPLACE FUNCTION {UTC_FUNCTION}(value text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS {BODY_TAG}
+    SELECT substr(value, 1, 19)
+        || COALESCE('.' || rpad(substring(value from '^.{{19}}\\.(\\d+)'), 6, '0'), '')
+        || 'Z'
+{BODY_TAG};
+"""
+
+#: Settings a generated function runs with: UTC rendering of times, and no search_path
+#: surprises (the functions run as their owner: see docs/triggers.md, "Privileges").
+FUNCTION_OPTIONS = "SET TimeZone = 'UTC' SET search_path = pg_catalog, public, pg_temp"
+
+#: The transaction-local setting ``tracking_disabled()`` sets for the triggers.
+OFF_SETTING = "django_cdp.off"
+
+
+def literal(value: str) -> str:
+    """A SQL string literal for ``value`` (generated function bodies cannot take parameters)."""
+    if BODY_TAG in value:
+        raise ValueError(f"{value!r} cannot be written into a trigger function")
+    return "'" + value.replace("'", "''") + "'"
+
+
+def jsonb_literal(value: object) -> str:
+    return literal(json.dumps(value, separators=(",", ":"), ensure_ascii=False)) + "::jsonb"
+
+
+@dataclass(frozen=True)
+class Value:
+    """A value's SQL: its jsonb expression, and a text expression that is non-NULL (the
+    reason) when the value cannot be sent."""
+
+    sql: str
+    error: str | None = None
+
+
+class Builder:
+    """SQL expressions over one database connection (for quoting and column types)."""
+
+    def __init__(self, connection: BaseDatabaseWrapper) -> None:
+        self.connection = connection
+        self.quote = connection.ops.quote_name
+
+    def table(self, model: type[models.Model]) -> str:
+        return self.quote(model._meta.db_table)
+
+    # --- values -------------------------------------------------------------------------------
+
+    def column_value(self, field: models.Field, row: str, name: str) -> Value:
+        """The JSON of ``field``'s column in the jsonb ``row``, named ``name`` in errors."""
+        raw = f"({row}->{literal(field.column)})"
+        kind = value_field(field).get_internal_type()
+        if kind == "DateTimeField":
+            return Value(f"to_jsonb({UTC_FUNCTION}({raw}#>>'{{}}'))")
+        if kind == "FloatField":
+            bad = f"jsonb_typeof({raw}) = 'string'"
+            shown = (
+                f"CASE {raw}#>>'{{}}' WHEN 'NaN' THEN 'nan' WHEN 'Infinity' THEN 'inf' "
+                "ELSE '-inf' END"
+            )
+            return Value(
+                f"CASE WHEN {bad} THEN NULL ELSE {raw} END",
+                f"CASE WHEN {bad} THEN {literal(name + ': ')} || {shown} "
+                "|| ' is not a JSON number' END",
+            )
+        return Value(raw)
+
+    def pk_lookup(self, fk: models.Field, row: str) -> str:
+        """``<target pk> = <fk text>::type``: the condition that finds the row ``fk`` points to."""
+        target = fk.target_field
+        return (
+            f"{self.quote(target.column)} = "
+            f"({row}->>{literal(fk.column)})::{target.cast_db_type(self.connection)}"
+        )
+
+    def follow(self, model: type[models.Model], path: list[str], row: str) -> tuple[str, str, str]:
+        """FROM/WHERE of the rows a foreign-key ``path`` reaches from ``row`` (a jsonb of a
+        ``model`` row), and the jsonb expression of the last one: (from, where, last)."""
+        joins, where = [], ""
+        current, current_row = model, row
+        for depth, part in enumerate(path, 1):
+            fk = current._meta.get_field(part)
+            alias = f"hop{depth}"
+            target = fk.related_model
+            lookup = self.pk_lookup(fk, current_row).replace(
+                self.quote(fk.target_field.column), f"{alias}.{self.quote(fk.target_field.column)}"
+            )
+            if depth == 1:
+                joins.append(f"{self.table(target)} {alias}")
+                where = lookup
+            else:
+                joins.append(f"JOIN {self.table(target)} {alias} ON {lookup}")
+            current, current_row = target, f"to_jsonb({alias})"
+        return " ".join(joins), where, current_row
+
+    def source_value(self, model: type[models.Model], source: Source, row: str) -> Value:
+        """A property's or trait's value, read from ``row`` (a jsonb of a ``model`` row)."""
+        if source.kind == "column":
+            return self.column_value(source.field, row, source.name)
+        parts = source.path.split("__")
+        joins, where, last = self.follow(model, parts[:-1], row)
+        value = self.column_value(source.field, last, source.name)
+        select = f"(SELECT {value.sql} FROM {joins} WHERE {where})"
+        error = f"(SELECT {value.error} FROM {joins} WHERE {where})" if value.error else None
+        return Value(select, error)
+
+    def pk_text(self, model: type[models.Model], row: str) -> str:
+        return f"({row}->>{literal(model._meta.pk.column)})"
+
+    def pk_repr(self, model: type[models.Model], row: str) -> str:
+        """``repr(pk)`` as Python writes it in a failed row's reason: ``3``, ``'a'``,
+        ``UUID('…')``."""
+        text = self.pk_text(model, row)
+        kind = value_field(model._meta.pk).get_internal_type()
+        if kind == "UUIDField":
+            return f"('UUID(''' || {text} || ''')')"
+        if kind in ("CharField", "TextField", "SlugField", "EmailField", "URLField"):
+            return f"('''' || {text} || '''')"
+        return text
+
+    def describe(self, model: type[models.Model], row: str) -> str:
+        return f"({literal(model._meta.label + ' pk=')} || {self.pk_repr(model, row)})"
+
+    # --- owners -------------------------------------------------------------------------------
+
+    def owner(self, config: ModelConfig, identity: IdentityConfig, row: str) -> tuple[str, str]:
+        """(owner pk text, userId text) of a ``config.model`` row; NULL when it has none."""
+        user_id = identity.user_id_field
+        if config.is_identity:
+            return self.identity_owner(identity, row)
+        parts = config.owner_path.split("__")
+        if len(parts) == 1 and user_id.primary_key:
+            fk = config.model._meta.get_field(parts[0])
+            text = f"({row}->>{literal(fk.column)})"
+            return text, self._user_id(text)
+        joins, where, last = self.follow(config.model, parts, row)
+        pk_column = literal(identity.model._meta.pk.column)
+        pk = f"(SELECT {last}->>{pk_column} FROM {joins} WHERE {where})"
+        uid = f"(SELECT {last}->>{literal(user_id.column)} FROM {joins} WHERE {where})"
+        return pk, self._user_id(uid)
+
+    def identity_owner(self, identity: IdentityConfig, row: str) -> tuple[str, str]:
+        """(pk text, userId text) of an identity row."""
+        uid = f"{row}->>{literal(identity.user_id_field.column)}"
+        return self.pk_text(identity.model, row), self._user_id(uid)
+
+    @staticmethod
+    def _user_id(text: str) -> str:
+        return f"NULLIF({text}, '')"
+
+    # --- objects ------------------------------------------------------------------------------
+
+    def object(self, values: Iterable[tuple[str, Value]]) -> tuple[str, str]:
+        """``jsonb_build_object`` of named values, and the first error among them (or NULL)."""
+        pairs, errors = [], []
+        for name, value in values:
+            pairs.append(f"{literal(name)}, {value.sql}")
+            if value.error:
+                errors.append(value.error)
+        obj = "jsonb_build_object(" + ", ".join(pairs) + ")" if pairs else "'{}'::jsonb"
+        error = (
+            "COALESCE(" + ", ".join(errors) + ")" if len(errors) > 1 else (errors or ["NULL"])[0]
+        )
+        return obj, f"({error})::text"
+
+    def properties(self, config: ModelConfig, row: str) -> tuple[str, str]:
+        """The properties of a track (``id`` first, then the mapping) and their first error."""
+        values = [("id", Value(f"({row}->{literal(config.model._meta.pk.column)})"))]
+        values += [(s.name, self.source_value(config.model, s, row)) for s in config.properties]
+        return self.object(values)
+
+    def tracked(self, config: ModelConfig, row: str) -> str:
+        """The tracked columns (what decides an ``Updated``), as a jsonb object by attname."""
+        pairs = [
+            f"{literal(attname)}, ({row}->{literal(field.column)})"
+            for attname, field in config.column_fields.items()
+        ]
+        return "jsonb_build_object(" + ", ".join(pairs) + ")" if pairs else "'{}'::jsonb"
+
+    def changed_fields(self, config: ModelConfig, ref: str, cur: str) -> str:
+        """The property names whose columns differ between two :meth:`tracked` objects."""
+        cases = [
+            f"CASE WHEN ({ref}->{literal(attname)}) IS DISTINCT FROM ({cur}->{literal(attname)}) "
+            f"THEN {literal(name)} END"
+            for attname, names in config.tracked_columns.items()
+            for name in names
+        ]
+        if not cases:
+            return "ARRAY[]::text[]"
+        return "array_remove(ARRAY[" + ", ".join(cases) + "]::text[], NULL)"
+
+    def traits(self, identity: IdentityConfig, row: str) -> tuple[str, str]:
+        return self.object(
+            (s.name, self.source_value(identity.model, s, row)) for s in identity.traits
+        )
+
+
+# --- messages -----------------------------------------------------------------------------------
+
+LIBRARY = {"library": {"name": LIBRARY_NAME, "version": __version__}}
+TIMESTAMP = f"{UTC_FUNCTION}(to_jsonb(clock_timestamp())#>>'{{}}')"
+
+
+def track_message(event: str, user_id: str, properties: str, integrations: dict | None) -> str:
+    """The jsonb of a track, as :func:`django_cdp.payloads.track_message` builds it."""
+    return (
+        "jsonb_build_object('type', 'track', 'userId', {uid}, 'messageId', mid, "
+        "'originalTimestamp', ts, 'channel', 'server', 'context', {ctx}, 'event', {event}, "
+        "'properties', {props}, 'integrations', {integrations})"
+    ).format(
+        uid=user_id,
+        ctx=jsonb_literal(LIBRARY),
+        event=literal(event),
+        props=properties,
+        integrations=jsonb_literal(integrations or {"All": True}),
+    )
+
+
+def identify_message(user_id: str, traits: str) -> str:
+    """The jsonb of an identify, as :func:`django_cdp.payloads.identify_message` builds it."""
+    return (
+        f"jsonb_build_object('type', 'identify', 'userId', {user_id}, 'messageId', mid, "
+        "'originalTimestamp', ts, 'channel', 'server', "
+        f"'context', {jsonb_literal(LIBRARY)} || jsonb_build_object('traits', {traits}), "
+        f"'traits', {traits}, "
+        "'integrations', '{\"All\":true}'::jsonb)"
+    )
+
+
+def _thousands(expr: str) -> str:
+    return f"to_char({expr}, 'FM999,999,999,999,990')"
+
+
+def outcome(message: str, minimal: str, error: str, user_id: str, where: str, limit: int) -> dict:
+    """Status, reason and payload of a built row, in the order
+    :func:`~django_cdp.capture.rows.build_row` decides them: cannot be built, no userId,
+    too large."""
+    size = f"octet_length(({message})::text)"
+    too_large = f"{size} > {limit}"
+    return {
+        "status": (
+            f"CASE WHEN {error} IS NOT NULL OR {user_id} IS NULL OR {too_large} "
+            "THEN 'failed' ELSE 'pending' END"
+        ),
+        "last_error": (
+            f"CASE WHEN {error} IS NOT NULL THEN {where} || ': ' || {error} "
+            f"WHEN {user_id} IS NULL THEN 'no userId' "
+            f"WHEN {too_large} THEN {where} || ': too large (' || {_thousands(size)} || ' > ' "
+            f"|| {literal(f'{limit:,}')} || ' bytes); it begins: ' || left(({message})::text, 500) "
+            "ELSE '' END"
+        ),
+        "payload": (
+            f"CASE WHEN {error} IS NOT NULL OR ({user_id} IS NOT NULL AND {too_large}) "
+            f"THEN ({minimal})::text ELSE ({message})::text END"
+        ),
+    }
+
+
+def traits_query(builder: Builder, identity: IdentityConfig, digests_table: str) -> str:
+    """SELECT of owners' userId, traits (jsonb text), error and digest, with the digest last
+    recorded for them: one row per pk in ``%s`` (an array of pk texts)."""
+    row = "to_jsonb(t)"
+    pk = identity.model._meta.pk
+    traits, error = builder.traits(identity, row)
+    _, uid = builder.identity_owner(identity, row)
+    return (
+        f"SELECT {builder.pk_text(identity.model, row)} AS pk, {uid} AS uid, "
+        f"({traits})::text AS traits, {error} AS error, "
+        f"md5(({traits})::text) AS digest, "
+        f"(SELECT d.digest FROM {digests_table} d WHERE d.user_id = {uid}) AS stored "
+        f"FROM {builder.table(identity.model)} t "
+        f"WHERE t.{builder.quote(pk.column)} = ANY(%s::{pk.cast_db_type(builder.connection)}[])"
+    )

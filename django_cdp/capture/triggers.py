@@ -1,0 +1,609 @@
+"""The trigger engine: PostgreSQL triggers, generated from ``DJANGO_CDP``, write the outbox rows.
+
+For every model captured by triggers (:mod:`django_cdp.capture.engines`) three
+``AFTER … FOR EACH STATEMENT`` triggers with transition tables (one per
+operation, as PostgreSQL requires) call functions generated here. Each
+statement is handled as a set: a ``QuerySet.update()`` of 10,000 rows is one
+``INSERT … SELECT`` of 10,000 messages, not 10,000 function calls. They write
+the rows the signal engine writes for the same change (same events, properties,
+``changed_fields``, owner, traits, reasons), in the same statement as the change:
+
+* **One event per object per transaction.** Rows a transaction writes carry its
+  id (``xid``) and what the triggers must remember (``capture``: the action, an
+  update's reference values, an identify's digest) until delivery claims them.
+  A later statement of the same transaction finds them through a small partial
+  index and rewrites or deletes them: create then update is one ``Created`` with
+  the final values; update then delete only ``Deleted``; create then delete
+  nothing; changes that cancel out nothing. A rolled-back savepoint takes its
+  rows with it, so nothing else needs to be remembered.
+* **Identifies** are computed by one generated function per identity model:
+  traits read in the database, their digest compared with ``TraitsDigest``, at
+  most one identify row per owner and transaction, rewritten with the final
+  traits.
+* **No exception blocks** (each would open a subtransaction per call), no cast
+  of the user's data, columns read through ``to_jsonb(row)`` (see
+  :mod:`django_cdp.capture.sql`): nothing in a trigger fails on the user's data.
+* ``tracking_disabled()`` sets the transaction-local ``django_cdp.off`` in the
+  same statement as the write (:mod:`django_cdp.capture.context`); the triggers
+  then return at once.
+
+Installation is tracked as pgtrigger tracks it: every trigger carries the hash
+of the SQL it was generated from in its comment, so ``cdp_triggers`` can tell
+installed, missing and outdated triggers apart without a table of its own.
+``migrate`` installs and updates them after the apps' migrations, in one
+transaction; ``CREATE OR REPLACE`` changes a function without locking the table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from django.core.signals import setting_changed
+from django.db import DEFAULT_DB_ALIAS, connections, router, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models import NOT_PROVIDED
+from django.dispatch import receiver
+
+from django_cdp.capture import engines
+from django_cdp.capture.sql import (
+    BODY_TAG,
+    FUNCTION_OPTIONS,
+    OFF_SETTING,
+    TIMESTAMP,
+    UTC_FUNCTION,
+    UTC_FUNCTION_SQL,
+    Builder,
+    identify_message,
+    literal,
+    outcome,
+    track_message,
+)
+from django_cdp.models import Message, TraitsDigest
+from django_cdp.registry import CREATED, DELETED, UPDATED, IdentityConfig, ModelConfig, registry
+from django_cdp.settings import SETTING_NAME, cdp_settings
+
+logger = logging.getLogger("django_cdp")
+
+PREFIX = "django_cdp_"
+OPERATIONS = ("insert", "update", "delete")
+#: What the trigger of each operation may see of the rows.
+REFERENCING = {
+    "insert": "REFERENCING NEW TABLE AS new_rows",
+    "update": "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows",
+    "delete": "REFERENCING OLD TABLE AS old_rows",
+}
+#: How the generated SQL is laid out: change it and every installed trigger is outdated.
+SQL_VERSION = "1"
+#: The data of a minimal message (one that failed to build): none.
+EMPTY = "'{}'::jsonb"
+
+
+# --- names ----------------------------------------------------------------------------------------
+
+
+def _name(*parts: str) -> str:
+    """A PostgreSQL identifier of at most 63 bytes (long table names get a hash suffix)."""
+    name = PREFIX + "_".join(parts)
+    if len(name.encode()) <= 63:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return name.encode()[:54].decode(errors="ignore") + "_" + digest
+
+
+def trigger_name(operation: str) -> str:
+    return PREFIX + operation
+
+
+def function_name(config: ModelConfig, operation: str) -> str:
+    return _name(config.model._meta.db_table, operation)
+
+
+def identify_function(identity: IdentityConfig) -> str:
+    return _name("identify", identity.model._meta.db_table)
+
+
+# --- generation -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSql:
+    """The generated SQL of one model: its functions, triggers and the hash of both."""
+
+    config: ModelConfig
+    functions: dict[str, str]  # operation -> CREATE OR REPLACE FUNCTION
+    identify: str  # the identity function it calls ("" when it identifies nobody)
+    digest: str
+
+    @property
+    def table(self) -> str:
+        return self.config.model._meta.db_table
+
+
+class Generator:
+    """Writes the trigger functions of the models captured on one database."""
+
+    def __init__(self, connection: BaseDatabaseWrapper) -> None:
+        self.connection = connection
+        self.sql = Builder(connection)
+        self.q = connection.ops.quote_name
+        self.message = self.q(Message._meta.db_table)
+        self.digests = self.q(TraitsDigest._meta.db_table)
+        self.limit = cdp_settings.MAX_MESSAGE_BYTES
+
+    # --- shared pieces --------------------------------------------------------------------
+
+    def _insert_messages(self, values: dict[str, str], source: str) -> str:
+        """``INSERT INTO message (…) SELECT … FROM source``: every column of the outbox
+        given a value or left to its database default."""
+        columns, exprs = [], []
+        for field in Message._meta.concrete_fields:
+            if field.primary_key:
+                continue
+            if field.attname in values:
+                columns.append(self.q(field.column))
+                exprs.append(values[field.attname])
+            elif field.db_default is NOT_PROVIDED and not field.null:
+                raise ValueError(f"the trigger engine gives no value to Message.{field.attname}")
+        return (
+            f"INSERT INTO {self.message} ({', '.join(columns)}) "
+            f"SELECT {', '.join(exprs)} FROM {source}"
+        )
+
+    def _row_values(
+        self, kind: str, event: str, source_model: str, capture: str, where: str
+    ) -> dict[str, str]:
+        """Column values of a message row built in a CTE ``m`` (msg, minimal, err, uid, mid, pk)."""
+        decided = outcome("m.msg", "m.minimal", "m.err", "m.uid", where, self.limit)
+        return {
+            "message_id": "m.mid",
+            "type": literal(kind),
+            "event": event,
+            "user_id": "COALESCE(m.uid, '')",
+            "payload": decided["payload"],
+            "status": decided["status"],
+            "attempts": "0",
+            "locked_by": "''",
+            "last_error": decided["last_error"],
+            "created_at": "clock_timestamp()",
+            "source_model": literal(source_model),
+            "source_pk": "m.pk",
+            "violations": "'[]'::jsonb",
+            "xid": "x",
+            "capture": capture,
+        }
+
+    def _function(self, name: str, declare: str, body: str, returns: str = "trigger") -> str:
+        arguments = "owners text[]" if returns == "void" else ""
+        return (
+            f"CREATE OR REPLACE FUNCTION {self.q(name)}({arguments}) RETURNS {returns} "
+            f"LANGUAGE plpgsql SECURITY DEFINER {FUNCTION_OPTIONS} AS {BODY_TAG}\n"
+            f"DECLARE\n    x bigint;\n{declare}BEGIN\n{body}\nEND\n{BODY_TAG};"
+        )
+
+    def _guard(self) -> str:
+        return (
+            f"    IF current_setting({literal(OFF_SETTING)}, true) = 'on' THEN\n"
+            "        RETURN NULL;\n    END IF;\n"
+            "    x := pg_current_xact_id()::text::bigint;\n"
+        )
+
+    def _identify_call(self, config: ModelConfig, rows: str) -> str:
+        identity = registry.identity
+        if not (config.identify or config.is_identity):
+            return ""
+        owner_pk, _ = self.sql.owner(config, identity, "r.j")
+        return (
+            f"    PERFORM {self.q(identify_function(identity))}(ARRAY(SELECT DISTINCT o FROM "
+            f"(SELECT {owner_pk} AS o FROM (SELECT to_jsonb(t) AS j FROM {rows} t) r) q "
+            "WHERE o IS NOT NULL));\n"
+        )
+
+    def _open_entries(self, label: str, kind: str, keys: str) -> str:
+        """This transaction's rows of ``label`` objects whose pk is in the ``keys`` query."""
+        return (
+            f"SELECT m.id, m.source_pk, m.message_id, m.capture FROM {self.message} m "
+            f"WHERE m.xid = x AND m.source_model = {literal(label)} AND m.type = {literal(kind)} "
+            f"AND m.source_pk IN ({keys})"
+        )
+
+    # --- one model ------------------------------------------------------------------------
+
+    def model_sql(self, config: ModelConfig) -> ModelSql:
+        identity = registry.identity
+        identify = self.identify_sql(identity) if (config.identify or config.is_identity) else ""
+        functions = {
+            "insert": self._insert_function(config),
+            "update": self._update_function(config),
+            "delete": self._delete_function(config),
+        }
+        text = "\n".join([SQL_VERSION, UTC_FUNCTION_SQL, identify, *functions.values()])
+        return ModelSql(config, functions, identify, hashlib.md5(text.encode()).hexdigest())
+
+    def _built(self, config: ModelConfig, action: str, props: str, where_rows: str) -> str:
+        """SELECT of the built track messages (``m``) of the rows of ``b``."""
+        user_id = "b.uid"
+        event = config.event_names.get(action, "")
+        integrations = config.integrations
+        msg = track_message(event, user_id, props, integrations)
+        minimal = track_message(event, user_id, "'{}'::jsonb", integrations)
+        return f"SELECT b.*, {msg} AS msg, {minimal} AS minimal FROM b {where_rows}"
+
+    def _base(
+        self, config: ModelConfig, rows: str, extra: str = "", mid: str = "gen_random_uuid()::text"
+    ) -> str:
+        """SELECT per changed row: its jsonb ``j``, pk, owner, properties and their error."""
+        identity = registry.identity
+        _, uid = self.sql.owner(config, identity, "r.j")
+        props, error = self.sql.properties(config, "r.j")
+        return (
+            f"SELECT r.*, {self.sql.pk_text(config.model, 'r.j')} AS pk, {uid} AS uid, "
+            f"{props} AS props, {error} AS err, {mid} AS mid, "
+            f"{TIMESTAMP} AS ts{extra} FROM {rows} r"
+        )
+
+    def _insert_function(self, config: ModelConfig) -> str:
+        body = self._guard()
+        if CREATED in config.events:
+            label = config.model._meta.label_lower
+            where = self.sql.describe(config.model, "m.j")
+            capture = "jsonb_build_object('action', 'created', 'current', m.cur)"
+            values = self._row_values(
+                "track", literal(config.event_name(CREATED)), label, capture, where
+            )
+            rows = "(SELECT to_jsonb(n) AS j FROM new_rows n)"
+            tracked = self.sql.tracked(config, "r.j")
+            source = (
+                f"(WITH b AS ({self._base(config, rows, f', {tracked} AS cur')}) "
+                f"{self._built(config, CREATED, 'b.props', '')}) m"
+            )
+            body += f"    {self._insert_messages(values, source)};\n"
+        body += self._identify_call(config, "new_rows")
+        body += "    RETURN NULL;"
+        return self._function(function_name(config, "insert"), "", body)
+
+    def _update_function(self, config: ModelConfig) -> str:
+        label = config.model._meta.label_lower
+        pk = self.q(config.model._meta.pk.column)
+        pairs = (
+            f"(SELECT to_jsonb(n) AS j, to_jsonb(o) AS oj FROM new_rows n "
+            f"JOIN old_rows o ON o.{pk} = n.{pk})"
+        )
+        pk_c = self.sql.pk_text(config.model, "c.j")
+        updated = "TRUE" if UPDATED in config.events else "FALSE"
+        integrations = config.integrations
+        # The implicit identity entry (not in MODELS) has no events, and so no names.
+        created_event = config.event_names.get(CREATED, "")
+        updated_event = config.event_names.get(UPDATED, "")
+        with_changes = "b.props || jsonb_build_object('changed_fields', to_jsonb(b.changed))"
+
+        def by_action(created: str, otherwise: str) -> str:
+            return f"CASE WHEN b.action = 'created' THEN {created} ELSE {otherwise} END"
+
+        msg = by_action(
+            track_message(created_event, "b.uid", "b.props", integrations),
+            track_message(updated_event, "b.uid", with_changes, integrations),
+        )
+        minimal = by_action(
+            track_message(created_event, "b.uid", EMPTY, integrations),
+            track_message(updated_event, "b.uid", EMPTY, integrations),
+        )
+        event = by_action(literal(created_event), literal(updated_event)).replace("b.", "m.")
+        capture = by_action(
+            "jsonb_build_object('action', 'created', 'current', b.cur)",
+            "jsonb_build_object('action', 'updated', 'reference', b.ref)",
+        ).replace("b.", "m.")
+        where = self.sql.describe(config.model, "m.j")
+        values = self._row_values("track", event, label, capture, where)
+        decided = outcome("m.msg", "m.minimal", "m.err", "m.uid", where, self.limit)
+        ctes = [
+            f"c AS (SELECT r.j, {self.sql.tracked(config, 'r.j')} AS cur, "
+            f"{self.sql.tracked(config, 'r.oj')} AS old FROM {pairs} r)",
+            f"e AS ({self._open_entries(label, 'track', f'SELECT {pk_c} FROM c')})",
+            # ref: the values at the transaction's start, for the net change.
+            "d AS (SELECT c.*, e.id AS entry_id, e.message_id AS entry_mid, "
+            "e.capture->>'action' AS action, "
+            "CASE WHEN e.capture->>'action' = 'updated' THEN e.capture->'reference' "
+            f"ELSE c.old END AS ref, e.capture->'current' AS last FROM c LEFT JOIN e "
+            f"ON e.source_pk = {pk_c})",
+            f"f AS (SELECT d.*, {self.sql.changed_fields(config, 'd.ref', 'd.cur')} AS changed "
+            "FROM d)",
+            # The rows that write or rewrite a message.
+            f"b AS ({self._base(config, 'f', '', 'COALESCE(r.entry_mid, gen_random_uuid()::text)')}"
+            " "
+            "WHERE "
+            "(r.action = 'created' AND r.cur IS DISTINCT FROM r.last) "
+            "OR (r.action = 'updated' AND cardinality(r.changed) > 0) "
+            f"OR (r.action IS NULL AND cardinality(r.changed) > 0 AND {updated}))",
+            f"m AS (SELECT b.*, {msg} AS msg, {minimal} AS minimal FROM b)",
+            # An update whose changes cancelled out: its message goes.
+            f"gone AS (DELETE FROM {self.message} WHERE id IN (SELECT entry_id FROM f "
+            "WHERE action = 'updated' AND cardinality(changed) = 0))",
+            f"rewritten AS (UPDATE {self.message} t SET payload = {decided['payload']}, "
+            f"status = {decided['status']}, last_error = {decided['last_error']}, "
+            f"user_id = COALESCE(m.uid, ''), event = {event}, capture = {capture} "
+            "FROM m WHERE t.id = m.entry_id)",
+        ]
+        insert = self._insert_messages(values, "(SELECT * FROM m WHERE m.entry_id IS NULL) m")
+        body = self._guard() + "    WITH " + ",\n    ".join(ctes) + f"\n    {insert};\n"
+        body += self._identify_call(config, "new_rows")
+        body += "    RETURN NULL;"
+        return self._function(function_name(config, "update"), "", body)
+
+    def _delete_function(self, config: ModelConfig) -> str:
+        label = config.model._meta.label_lower
+        identity = registry.identity
+        deleted = "TRUE" if DELETED in config.events else "FALSE"
+        where = self.sql.describe(config.model, "m.j")
+        values = self._row_values(
+            "track", literal(config.event_names.get(DELETED, "")), label, "NULL", where
+        )
+        pk_c = self.sql.pk_text(config.model, "c.j")
+        ctes = [
+            "c AS (SELECT to_jsonb(o) AS j FROM old_rows o)",
+            f"e AS ({self._open_entries(label, 'track', f'SELECT {pk_c} FROM c')})",
+            f"gone AS (DELETE FROM {self.message} WHERE id IN (SELECT id FROM e))",
+        ]
+        if config.is_identity:
+            # The owner goes: its identify of this transaction goes too, with the digest.
+            identity_label = identity.model._meta.label_lower
+            ctes += [
+                f"idgone AS (DELETE FROM {self.message} m WHERE m.xid = x "
+                f"AND m.source_model = {literal(identity_label)} AND m.type = 'identify' "
+                f"AND m.source_pk IN (SELECT {pk_c} FROM c) RETURNING m.user_id, m.message_id)",
+                f"forgot AS (DELETE FROM {self.digests} d USING idgone "
+                "WHERE d.user_id = idgone.user_id AND d.message_id = idgone.message_id)",
+            ]
+        kept = (
+            "(SELECT c.j FROM c LEFT JOIN e ON e.source_pk = "
+            f"{pk_c} WHERE e.capture->>'action' IS DISTINCT FROM 'created' AND {deleted})"
+        )
+        ctes += [
+            f"b AS ({self._base(config, kept)})",
+            f"m AS ({self._built(config, DELETED, 'b.props', '')})",
+        ]
+        body = self._guard() + (
+            "    WITH " + ",\n    ".join(ctes) + f"\n    {self._insert_messages(values, 'm')};\n"
+        )
+        if not config.is_identity:
+            body += self._identify_call(config, "old_rows")
+        body += "    RETURN NULL;"
+        return self._function(function_name(config, "delete"), "", body)
+
+    # --- the identity ---------------------------------------------------------------------
+
+    def identify_sql(self, identity: IdentityConfig) -> str:
+        label = identity.model._meta.label_lower
+        pk = identity.model._meta.pk
+        table = self.sql.table(identity.model)
+        pk_s = self.sql.pk_text(identity.model, "r.s")
+        _, uid = self.sql.identity_owner(identity, "r.s")
+        traits, error = self.sql.traits(identity, "r.s")
+        unchanged = "TRUE" if cdp_settings.SEND_UNCHANGED_IDENTIFY else "FALSE"
+        new_rows = "(SELECT * FROM m WHERE m.entry_id IS NULL) m"
+        where = self.sql.describe(identity.model, "m.s")
+        decided = outcome("m.msg", "m.minimal", "m.err", "m.uid", where, self.limit)
+        values = self._row_values(
+            "identify", "''", label, "jsonb_build_object('digest', m.digest)", where
+        )
+        body = (
+            "    IF owners IS NULL OR cardinality(owners) = 0 THEN RETURN; END IF;\n"
+            "    x := pg_current_xact_id()::text::bigint;\n"
+            f"    WITH cur AS (SELECT r.s, {pk_s} AS pk, {uid} AS uid, {traits} AS traits, "
+            f"{error} AS err FROM (SELECT to_jsonb(t) AS s FROM {table} t "
+            f"WHERE t.{self.q(pk.column)} = "
+            f"ANY(owners::{pk.cast_db_type(self.connection)}[])) r),\n"
+            "    dg AS (SELECT cur.*, CASE WHEN cur.err IS NULL THEN md5(cur.traits::text) END "
+            "AS digest FROM cur),\n"
+            f"    e AS ({self._open_entries(label, 'identify', 'SELECT pk FROM cur')}),\n"
+            "    p AS (SELECT dg.*, e.id AS entry_id, COALESCE(e.message_id, "
+            f"gen_random_uuid()::text) AS mid, {TIMESTAMP} AS ts FROM dg "
+            "LEFT JOIN e ON e.source_pk = dg.pk WHERE CASE WHEN e.id IS NOT NULL "
+            "THEN dg.digest IS NULL OR dg.digest IS DISTINCT FROM e.capture->>'digest' "
+            f"ELSE dg.digest IS NULL OR {unchanged} OR dg.digest IS DISTINCT FROM "
+            f"(SELECT d.digest FROM {self.digests} d WHERE d.user_id = dg.uid) END),\n"
+            f"    m AS (SELECT p.*, {identify_message('p.uid', 'p.traits')} AS msg, "
+            f"{identify_message('p.uid', EMPTY)} AS minimal FROM p),\n"
+            f"    rewritten AS (UPDATE {self.message} t SET payload = {decided['payload']}, "
+            f"status = {decided['status']}, last_error = {decided['last_error']}, "
+            "user_id = COALESCE(m.uid, ''), capture = jsonb_build_object('digest', m.digest) "
+            "FROM m WHERE t.id = m.entry_id "
+            "RETURNING t.user_id, t.message_id, t.status, m.digest),\n"
+            f"    inserted AS ({self._insert_messages(values, new_rows)} "
+            f"RETURNING user_id, message_id, status, capture->>'digest' AS digest),\n"
+            "    written AS (SELECT * FROM rewritten UNION ALL SELECT * FROM inserted),\n"
+            f"    forgot AS (DELETE FROM {self.digests} d USING rewritten w "
+            "WHERE w.status <> 'pending' AND d.user_id = w.user_id "
+            "AND d.message_id = w.message_id)\n"
+            f"    INSERT INTO {self.digests} (user_id, digest, message_id, updated_at) "
+            "SELECT w.user_id, w.digest, w.message_id, clock_timestamp() FROM written w "
+            "WHERE w.status = 'pending' ON CONFLICT (user_id) DO UPDATE SET "
+            "digest = EXCLUDED.digest, message_id = EXCLUDED.message_id, "
+            "updated_at = EXCLUDED.updated_at;"
+        )
+        return self._function(identify_function(identity), "", body, returns="void")
+
+
+# --- installation --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Status:
+    """What one database holds of one model's triggers."""
+
+    label: str
+    engine: str
+    reason: str
+    installed: bool
+    current: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.engine != engines.TRIGGERS or (self.installed and self.current)
+
+    @property
+    def state(self) -> str:
+        if self.engine != engines.TRIGGERS:
+            return "installed (not used)" if self.installed else "-"
+        if not self.installed:
+            return "missing"
+        return "current" if self.current else "outdated"
+
+
+def databases() -> list[str]:
+    """The PostgreSQL aliases that may hold the outbox."""
+    return [
+        alias
+        for alias in connections
+        if connections[alias].vendor == "postgresql" and router.allow_migrate_model(alias, Message)
+    ]
+
+
+def _installed(connection: BaseDatabaseWrapper) -> dict[tuple[str, str], str]:
+    """(table, trigger name) -> comment of every django-cdp trigger in the database."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT c.relname, t.tgname, COALESCE(obj_description(t.oid, 'pg_trigger'), '') "
+            "FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+            "WHERE NOT t.tgisinternal AND t.tgname LIKE %s",
+            [PREFIX.replace("_", "\\_") + "%"],
+        )
+        return {(table, name): comment for table, name, comment in cursor.fetchall()}
+
+
+def _functions(connection: BaseDatabaseWrapper) -> list[str]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p "
+            "JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname = current_schema() AND p.proname LIKE %s",
+            [PREFIX.replace("_", "\\_") + "%"],
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+
+def _comment(digest: str) -> str:
+    return f"django-cdp {digest}"
+
+
+def status(using: str) -> list[Status]:
+    """Each registered model's engine on ``using`` and the state of its triggers."""
+    connection = connections[using]
+    installed = _installed(connection) if connection.vendor == "postgresql" else {}
+    generator = Generator(connection) if connection.vendor == "postgresql" else None
+    out = []
+    for config in registry:
+        choice = engines.choose(config, connection.vendor)
+        table = config.model._meta.db_table
+        comments = [installed.get((table, trigger_name(op))) for op in OPERATIONS]
+        present = all(c is not None for c in comments)
+        current = False
+        if present and choice.engine == engines.TRIGGERS and generator is not None:
+            wanted = _comment(generator.model_sql(config).digest)
+            current = all(c == wanted for c in comments)
+        out.append(Status(config.label, choice.engine, choice.reason, present, current))
+    return out
+
+
+def install(using: str, *, force: bool = False) -> list[str]:
+    """Install or update the triggers of every model captured by triggers on ``using``, and
+    remove django-cdp triggers nobody wants; one transaction. Returns what changed."""
+    connection = connections[using]
+    if connection.vendor != "postgresql":
+        return []
+    generator = Generator(connection)
+    wanted = [generator.model_sql(c) for c in engines.trigger_configs(using)]
+    installed = _installed(connection)
+    changes: list[str] = []
+    statements: list[str] = []
+    keep_tables = {w.table for w in wanted}
+    for (table, name), _ in sorted(installed.items()):
+        if table not in keep_tables:
+            statements.append(f"DROP TRIGGER IF EXISTS {generator.q(name)} ON {generator.q(table)}")
+            changes.append(f"removed {name} on {table}")
+    todo = [
+        w
+        for w in wanted
+        if force
+        or any(
+            installed.get((w.table, trigger_name(op))) != _comment(w.digest) for op in OPERATIONS
+        )
+    ]
+    if todo:
+        statements.append(UTC_FUNCTION_SQL)
+        for identify in dict.fromkeys(w.identify for w in todo if w.identify):
+            statements.append(identify)
+    for model_sql in todo:
+        table = generator.q(model_sql.table)
+        for op in OPERATIONS:
+            statements.append(model_sql.functions[op])
+            name = generator.q(trigger_name(op))
+            statements.append(
+                f"CREATE OR REPLACE TRIGGER {name} AFTER {op.upper()} ON {table} "
+                f"{REFERENCING[op]} FOR EACH STATEMENT "
+                f"EXECUTE FUNCTION {generator.q(function_name(model_sql.config, op))}()"
+            )
+            statements.append(
+                f"COMMENT ON TRIGGER {name} ON {table} IS {literal(_comment(model_sql.digest))}"
+            )
+        changes.append(f"installed {model_sql.config.label}")
+    if not statements:
+        return changes
+    keep = {function_name(w.config, op) for w in wanted for op in OPERATIONS}
+    if wanted:
+        keep |= {UTC_FUNCTION, identify_function(registry.identity)}
+    with transaction.atomic(using=using):
+        with connection.cursor() as cursor:
+            for statement in statements:
+                cursor.execute(statement)
+        _drop_functions(connection, keep)
+    return changes
+
+
+def _drop_functions(connection: BaseDatabaseWrapper, keep: Iterable[str]) -> None:
+    keep = set(keep)
+    with connection.cursor() as cursor:
+        for signature in _functions(connection):
+            if signature.split("(", 1)[0].strip('"') not in keep:
+                cursor.execute(f"DROP FUNCTION IF EXISTS {signature}")
+
+
+def uninstall(using: str) -> list[str]:
+    """Remove every django-cdp trigger and function from ``using``."""
+    connection = connections[using]
+    if connection.vendor != "postgresql":
+        return []
+    installed = _installed(connection)
+    q = connection.ops.quote_name
+    with transaction.atomic(using=using), connection.cursor() as cursor:
+        for table, name in sorted(installed):
+            cursor.execute(f"DROP TRIGGER IF EXISTS {q(name)} ON {q(table)}")
+        _drop_functions(connection, ())
+    return [f"removed {name} on {table}" for table, name in sorted(installed)]
+
+
+# --- when ----------------------------------------------------------------------------------------
+
+
+def on_migrate(sender: Any, using: str = DEFAULT_DB_ALIAS, **kwargs: Any) -> None:
+    """``post_migrate``: install or update the triggers once every app's tables are there."""
+    if using in databases():
+        for change in install(using):
+            logger.info("django-cdp: %s", change)
+
+
+@receiver(setting_changed)
+def _reinstall_on_change(*, setting: str, **kwargs: Any) -> None:
+    """``override_settings(DJANGO_CDP=...)`` in tests: the triggers follow the new plan."""
+    if setting != SETTING_NAME:
+        return
+    for alias in databases():
+        try:
+            install(alias)
+        except (RuntimeError, AssertionError):
+            # The test may not touch the database (pytest-django, SimpleTestCase): nothing
+            # can be written there either, and the next change that can installs them.
+            continue
