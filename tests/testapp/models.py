@@ -86,3 +86,14 @@ class Reading(models.Model):
         if self.label == "raise":
             raise ValueError("the label says raise")
         return self.label
+
+
+class Gauge(models.Model):
+    """A tracked column that a migration renames (``0005``): the triggers must not break writes
+    while the installed triggers and the table disagree about it."""
+
+    shop = models.ForeignKey(Shop, on_delete=models.CASCADE, related_name="gauges")
+    level = models.IntegerField(default=0, db_column="level_v2")
+
+    def __str__(self) -> str:
+        return f"gauge {self.pk}"
