@@ -373,7 +373,7 @@ def post_batch(
             )
         except requests.RequestException as exc:
             if deadline.expired:
-                text = f"timeout: no answer within the request's deadline of {total:g} s"
+                text = f"timeout: no answer within the request's deadline of {total:.3g} s"
             else:
                 kind = "timeout" if isinstance(exc, requests.Timeout) else "connection error"
                 text = f"{kind}: {type(exc).__name__}: {exc}"
