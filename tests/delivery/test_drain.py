@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from datetime import timedelta
 from typing import Any
@@ -164,10 +165,13 @@ def test_a_request_never_outlives_the_lease(configure, data_plane):
     make_messages(1)
     started = time.monotonic()
     assert drain().retrying == 1
-    assert time.monotonic() - started < 2.5  # the request, then the write-back
+    assert time.monotonic() - started < 3  # the request, then the write-back
     row = Message.objects.get()
-    assert row.last_error.startswith("timeout: no answer within the request's deadline of 1.9")
-    assert row.delivery_attempts.get().duration_ms < 2000
+    deadline = re.fullmatch(
+        r"timeout: no answer within the request's deadline of (.+) s", row.last_error
+    )
+    assert deadline and float(deadline[1]) <= 2.0  # not 7 s
+    assert row.delivery_attempts.get().duration_ms < 2100  # the timer's own latency
 
 
 def test_rows_erased_after_the_claim_are_left_out_of_the_next_request(
