@@ -192,11 +192,12 @@ class _Deadline:
     """Ends one request at a fixed time, whichever phase it is in.
 
     A ``threading.Timer`` shuts the request's socket down when the time is up, so
-    a blocked connect, send or read fails at once instead of waiting for bytes
-    that a trickling server hands out just often enough to beat every
-    per-operation timeout. The connection registers itself (:meth:`attach`) when
-    the request starts and again once its socket is connected, so a deadline
-    that passes while connecting still ends the request.
+    a blocked send or read fails at once instead of waiting for bytes that a
+    trickling server hands out just often enough to beat every per-operation
+    timeout. A connect has no socket to shut down yet; its own timeout is never
+    longer than the deadline, and the connection registers itself
+    (:meth:`attach`) when the request starts and again once connected, so a
+    deadline that passed meanwhile ends the request right there.
     """
 
     _local = threading.local()
