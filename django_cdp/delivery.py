@@ -12,6 +12,10 @@ spent:
    Backends without SKIP LOCKED (SQLite) claim with a conditional ``UPDATE``
    and are documented as single-worker.
 2. **Send** outside any transaction: one ``/v1/batch`` POST per claimed batch.
+   Right before each request the rows are re-read by id (still there, still
+   this claim's), so a message erased meanwhile is left out; and the request
+   must end before the lease does (its deadline is cut to what is left of it),
+   so once a lease has passed no request carrying its rows is still running.
 3. **Write back, fenced**: every outcome is written only where ``id``,
    ``locked_by``, ``attempts`` and ``status`` still match the claim, and clears
    the lease. A worker whose lease expired (and whose rows another worker may
@@ -278,6 +282,9 @@ class _Run:
         self.write_key: str = cdp_settings.WRITE_KEY or ""
         self.url: str = cdp_settings.DATA_PLANE_URL or ""
         self.lease = float(cdp_settings.LEASE_SECONDS)
+        self.request_seconds = float(cdp_settings.CONNECT_TIMEOUT) + float(
+            cdp_settings.READ_TIMEOUT
+        )
         self.max_attempts = int(cdp_settings.MAX_ATTEMPTS)
         self.max_message_bytes = int(cdp_settings.MAX_MESSAGE_BYTES)
         self.max_batch_bytes = int(cdp_settings.MAX_BATCH_BYTES)
@@ -410,7 +417,7 @@ class _Run:
     def mark_config_error(
         self, token: str, rows: Sequence[Claimed], resp: transport.Response
     ) -> None:
-        """401/403/404: keep the rows pending, give the attempt back, retry soon, be loud."""
+        """3xx/401/403/404: keep the rows pending, give the attempt back, retry soon, be loud."""
         error = resp.describe()
         self.result.config_errors += self.write(
             token,
@@ -422,7 +429,7 @@ class _Run:
             last_response_code=resp.status,
         )
         logger.error(
-            "django-cdp: the data plane at %s refused the write key or URL (%s); "
+            "django-cdp: the data plane at %s refused the write key or URL, or redirected (%s); "
             "%d message(s) stay pending until DJANGO_CDP['WRITE_KEY'] / "
             "['DATA_PLANE_URL'] are fixed",
             self.url,
@@ -456,6 +463,15 @@ class _Run:
             return f"message is {size} bytes, more than the limit of {limit} bytes"
         return None
 
+    def still_ours(self, token: str, rows: list[Claimed]) -> list[Claimed]:
+        """``rows`` that still exist and are still this claim's (one query by id).
+
+        Called right before each request: a message erased (or deleted in the admin)
+        since the claim is left out of the body instead of being sent after its erasure.
+        """
+        kept = set(_fenced(self.using, token, rows).order_by().values_list("id", flat=True))
+        return [r for r in rows if r.id in kept]
+
     def send(self, token: str, rows: list[Claimed], claimed_at: float) -> bool:
         """Send one claimed batch; split it on 400/413. False means: stop draining."""
         sendable = []
@@ -472,6 +488,13 @@ class _Run:
                 # Another worker may claim these rows once the lease ends; stop before that.
                 self.release(token, [r for p in (part, *work) for r in p])
                 return True
+            part = self.still_ours(token, part)
+            if not part:
+                continue
+            # The lease ends no earlier than claimed_at + lease (the claim started after
+            # claimed_at); cutting the request there means it never outlives the lease,
+            # which is what erasure (and another worker's claim) rely on.
+            lease_left = claimed_at + self.lease - time.monotonic()
             resp = transport.post_batch(
                 [r.payload for r in part],
                 write_key=self.write_key,
@@ -479,6 +502,7 @@ class _Run:
                 use_gzip=bool(cdp_settings.GZIP),
                 connect_timeout=float(cdp_settings.CONNECT_TIMEOUT),
                 read_timeout=float(cdp_settings.READ_TIMEOUT),
+                total_timeout=min(self.request_seconds, lease_left),
             )
             self.result.requests += 1
             outcome = resp.outcome

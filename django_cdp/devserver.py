@@ -7,6 +7,12 @@ non-empty ``batch``, every item an object with ``type`` and ``userId`` or
 ``anonymousId``; one bad item refuses the whole request) and answers with the
 same status codes and lower-case texts, so what passes here passes there.
 
+It never holds more than the size limit of one body in memory, whatever a
+client sends: the ``Content-Length`` is checked before the body is read (none:
+411, over the limit: 413), and gzip is inflated incrementally and stopped just
+past the limit (413), so a small gzip bomb cannot inflate to gigabytes. Every
+refused request is logged (logger ``django_cdp.devserver``) with its reason.
+
 :class:`DataPlaneServer` is also the data plane of django-cdp's own tests:
 start it on port 0 in a thread, read what it received from ``messages`` and
 ``requests``, and inject faults (a sequence of status codes, ``Retry-After``,
@@ -17,8 +23,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import gzip
 import json
+import logging
 import threading
 import time
 import zlib
@@ -30,10 +36,18 @@ from typing import Any, TextIO
 
 #: rudder-server ``Gateway.maxReqSizeInKB`` (4000 KiB), measured after decompression.
 MAX_REQUEST_BYTES = 4_096_000
+#: Bytes of a refused, unread body read and thrown away after the answer (Go's net/http
+#: does the same, 256 KiB), for at most ``DISCARD_SECONDS``: a client still sending its
+#: body then reads the answer instead of a reset connection. The connection is closed after.
+DISCARD_BYTES = 256 * 1024
+DISCARD_SECONDS = 1.0
+_CHUNK = 64 * 1024
 SINGLE_MESSAGE_PATHS = {
     f"/v1/{kind}": kind for kind in ("identify", "track", "page", "screen", "group", "alias")
 }
 BATCH_PATH = "/v1/batch"
+
+logger = logging.getLogger("django_cdp.devserver")
 
 
 @dataclass
@@ -47,7 +61,8 @@ class ReceivedRequest:
     headers: dict[str, str]
     #: messageIds of the items in the body (empty when the body was unreadable).
     message_ids: list[str] = field(default_factory=list)
-    #: Size of the body after decompression.
+    #: Size of the body after decompression, as far as it was read: ``max_request_bytes + 1``
+    #: for one inflating past the limit, the declared length for one refused on it.
     body_bytes: int = 0
 
 
@@ -184,10 +199,15 @@ class DataPlaneServer(ThreadingHTTPServer):
     def handle_post(self, handler: _Handler) -> None:
         arrived = time.monotonic()
         headers = {k.lower(): v for k, v in handler.headers.items()}
-        length = int(headers.get("content-length") or 0)
-        raw = handler.rfile.read(length) if length else b""
-        status, text, items, size = self._check(handler.path, headers, raw)
+        length, refusal = self._content_length(headers)
         extra: dict[str, str] = {}
+        if refusal is None:
+            status, text, items, size = self._check(
+                handler.path, headers, handler.rfile.read(length)
+            )
+        else:
+            (status, text), items, size = refusal, [], length
+            extra["Connection"] = "close"
         with self.lock:
             if self.status_sequence:
                 status, text = self.status_sequence.popleft(), "injected fault"
@@ -206,6 +226,10 @@ class DataPlaneServer(ThreadingHTTPServer):
                 size,
             )
             self.requests.append(record)
+        if status != 200:
+            logger.warning(
+                "devserver: refused POST %s with %d %s (%d bytes)", handler.path, status, text, size
+            )
         if self.hang.is_set():
             # A hung gateway: the request waits, then ends without an answer or a record.
             while self.hang.is_set() and not self._stopped.is_set():
@@ -218,6 +242,28 @@ class DataPlaneServer(ThreadingHTTPServer):
         if self.delay:
             time.sleep(self.delay)
         handler._answer(status, text, headers=extra)
+        if refusal is not None:
+            _discard(handler, length)
+
+    def _content_length(self, headers: dict[str, str]) -> tuple[int, tuple[int, str] | None]:
+        """The body's declared length, and the refusal (status, text) it earns, if any.
+
+        Checked before anything is read, so that a client cannot make the server
+        allocate more than the limit (a compressed body over the limit would
+        inflate to more still).
+        """
+        value = headers.get("content-length")
+        if value is None:
+            return 0, (411, "length required")
+        try:
+            length = int(value)
+        except ValueError:
+            length = -1
+        if length < 0:
+            return 0, (400, "invalid content length")
+        if length > self.max_request_bytes:
+            return length, (413, "request size exceeds max limit")
+        return length, None
 
     def _check(
         self, path: str, headers: dict[str, str], raw: bytes
@@ -233,8 +279,8 @@ class DataPlaneServer(ThreadingHTTPServer):
             return 401, "invalid write key", [], 0
         if headers.get("content-encoding", "").lower() == "gzip":
             try:
-                raw = gzip.decompress(raw)
-            except (OSError, EOFError, zlib.error):
+                raw = _gunzip(raw, self.max_request_bytes)
+            except (EOFError, zlib.error):
                 return 500, "failed to read body from request", [], 0
         if len(raw) > self.max_request_bytes:
             return 413, "request size exceeds max limit", [], len(raw)
@@ -280,6 +326,39 @@ class DataPlaneServer(ThreadingHTTPServer):
         lines = [format_message(i, as_json=self.print_json) for i in items]
         self.out.write("\n".join(lines) + "\n")
         self.out.flush()
+
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    """``data`` (one or more gzip members) inflated, stopping at ``limit + 1`` bytes.
+
+    A result longer than ``limit`` means "over the limit"; inflating stops there
+    instead of expanding a gzip bomb in memory. Raises ``EOFError`` for a
+    truncated body and ``zlib.error`` for a corrupt one.
+    """
+    out = bytearray()
+    while data:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        out += inflater.decompress(data, limit + 1 - len(out))
+        if len(out) > limit:
+            break
+        if not inflater.eof:
+            raise EOFError("truncated gzip body")
+        data = inflater.unused_data
+    return bytes(out)
+
+
+def _discard(handler: _Handler, length: int) -> None:
+    """Read and drop up to :data:`DISCARD_BYTES` of an unread body, a chunk at a time."""
+    left = min(length, DISCARD_BYTES)
+    handler.connection.settimeout(DISCARD_SECONDS)
+    try:
+        while left > 0:
+            chunk = handler.rfile.read1(min(left, _CHUNK))
+            if not chunk:
+                return
+            left -= len(chunk)
+    except OSError:
+        pass  # the client stopped sending or went away; the connection is closed anyway
 
 
 def _has_id(value: Any) -> bool:

@@ -18,6 +18,16 @@ Why it looks the way it does:
   it, which corrupts both (Celery prefork, gunicorn ``--preload``).
 * Responses are classified by status code only; rudder-server changed the case
   of its response texts between releases.
+* Redirects are never followed: a 3xx means ``DATA_PLANE_URL`` is not the data
+  plane's own URL, and following it would send the batch and the write key to
+  wherever it points (and count a 200 from a login page as delivered).
+* One deadline per request, whatever the server does: requests' timeouts bound
+  each socket operation, so a server trickling a byte a second would hold a
+  worker (and outlast its lease) for as long as it likes. A timer shuts the
+  request's socket down when the deadline passes (:class:`_Deadline`).
+* At most :data:`MAX_RESPONSE_BYTES` of a response body are read: only an
+  excerpt is kept, and an error page of hundreds of megabytes must not be
+  loaded into a worker's memory.
 * The write key never appears in logs or stored errors (see :func:`mask`).
 """
 
@@ -26,16 +36,22 @@ from __future__ import annotations
 import base64
 import email.utils
 import enum
+import functools
 import gzip
 import os
+import socket
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
+from urllib3.connectionpool import HTTPConnectionPool
 
 import django_cdp
 
@@ -47,8 +63,10 @@ _SENT_AT_EXAMPLE = "2000-01-01T00:00:00.000Z"
 PER_MESSAGE_OVERHEAD = len(f',"sentAt":"{_SENT_AT_EXAMPLE}"') + 1
 #: How much of a response body is kept (it ends up in ``Message.last_error``).
 MAX_BODY_CHARS = 2000
-#: Bytes of a response body decoded and masked before it is cut to ``MAX_BODY_CHARS``.
-_MASK_WINDOW_BYTES = 16 * MAX_BODY_CHARS
+#: Bytes of a response body read at most; a longer body's connection is closed unread.
+#: They are decoded and masked before the text is cut to ``MAX_BODY_CHARS``, so the
+#: window is wide enough to decode to more characters than that whatever the bytes.
+MAX_RESPONSE_BYTES = 16 * MAX_BODY_CHARS
 USER_AGENT = f"django-cdp/{django_cdp.__version__}"
 
 
@@ -61,7 +79,8 @@ class Outcome(enum.Enum):
     RETRY = "retry"
     #: 400/413: the request was refused for its content; one or more messages are bad.
     REFUSED = "refused"
-    #: 401/403/404: bad write key, disabled source or wrong URL; not the messages' fault.
+    #: 3xx, 401/403/404: redirect, bad write key, disabled source or wrong URL; not the
+    #: messages' fault.
     CONFIG = "config"
 
 
@@ -93,7 +112,10 @@ class Response:
 def classify(status: int | None) -> Outcome:
     """Map a status code (``None``: no response) to an :class:`Outcome`.
 
-    Codes the API does not document (3xx, 405, 408, 422, ...) are retried:
+    A redirect is a configuration error: the data plane never redirects, so the
+    URL points at something else (a load balancer's HTTPS redirect, a login
+    page), and no retry will change that until the URL is fixed.
+    Codes the API does not document (405, 408, 422, ...) are retried:
     retrying spends attempts and ends in a visible dead letter, whereas
     treating them as refusals would drop messages on a proxy's hiccup.
     """
@@ -103,7 +125,7 @@ def classify(status: int | None) -> Outcome:
         return Outcome.SENT
     if status in (400, 413):
         return Outcome.REFUSED
-    if status in (401, 403, 404):
+    if 300 <= status < 400 or status in (401, 403, 404):
         return Outcome.CONFIG
     return Outcome.RETRY
 
@@ -166,6 +188,106 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
+class _Deadline:
+    """Ends one request at a fixed time, whichever phase it is in.
+
+    A ``threading.Timer`` shuts the request's socket down when the time is up, so
+    a blocked send or read fails at once instead of waiting for bytes that a
+    trickling server hands out just often enough to beat every per-operation
+    timeout. A connect has no socket to shut down yet; its own timeout is never
+    longer than the deadline, and the connection registers itself
+    (:meth:`attach`) when the request starts and again once connected, so a
+    deadline that passed meanwhile ends the request right there.
+    """
+
+    _local = threading.local()
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._connection: Any = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(max(0.0, seconds), self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        _Deadline._local.current = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        _Deadline._local.current = None
+
+    def stop(self) -> bool:
+        """Disarm (the connection may go back to the pool); whether the deadline had passed."""
+        with self._lock:
+            self._timer.cancel()
+            self._connection = None
+            return self.expired
+
+    @classmethod
+    def attach(cls, connection: Any) -> None:
+        """Called by a connection of ours: put it under this thread's deadline, if any."""
+        deadline: _Deadline | None = getattr(cls._local, "current", None)
+        if deadline is None:
+            return
+        with deadline._lock:
+            deadline._connection = connection
+            if deadline.expired:
+                _shutdown(connection)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            _shutdown(self._connection)
+
+
+def _shutdown(connection: Any) -> None:
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        with suppress(OSError):  # not connected (yet), or already closed
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+class _DeadlineConnection:
+    """Mixed into urllib3's connection classes: registers with the request's :class:`_Deadline`."""
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _Deadline.attach(self)
+        super().request(*args, **kwargs)  # type: ignore[misc]
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        _Deadline.attach(self)
+
+
+@functools.cache
+def _deadline_pool(pool_cls: type[HTTPConnectionPool]) -> type[HTTPConnectionPool]:
+    """``pool_cls`` with connections that obey :class:`_Deadline`."""
+    conn_cls = pool_cls.ConnectionCls
+    connection = type(conn_cls.__name__, (_DeadlineConnection, conn_cls), {})
+    return type(pool_cls.__name__, (pool_cls,), {"ConnectionCls": connection})
+
+
+class _Adapter(HTTPAdapter):
+    """An adapter whose pools (direct or through a proxy) enforce :class:`_Deadline`."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        _use_deadline_pools(self.poolmanager)
+
+    def proxy_manager_for(self, *args: Any, **kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(*args, **kwargs)
+        _use_deadline_pools(manager)
+        return manager
+
+
+def _use_deadline_pools(manager: Any) -> None:
+    manager.pool_classes_by_scheme = {
+        scheme: _deadline_pool(cls) for scheme, cls in manager.pool_classes_by_scheme.items()
+    }
+
+
 # One session per process. ``os.register_at_fork`` drops it in children; the PID
 # check covers processes created without fork hooks (e.g. by C extensions).
 _session_lock = threading.Lock()
@@ -176,10 +298,12 @@ _session_pid: int | None = None
 def _new_session() -> requests.Session:
     session = requests.Session()
     # No urllib3-level retries: every retry decision is made (and recorded) by delivery.
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=8, max_retries=0)
+    adapter = _Adapter(pool_connections=4, pool_maxsize=8, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.headers["User-Agent"] = USER_AGENT
+    # The body is read raw (capped); a compressed error page could inflate without bound.
+    session.headers["Accept-Encoding"] = "identity"
     return session
 
 
@@ -215,10 +339,14 @@ def post_batch(
     use_gzip: bool = True,
     connect_timeout: float = 5.0,
     read_timeout: float = 15.0,
+    total_timeout: float | None = None,
     sent_at: str | None = None,
 ) -> Response:
     """POST ``payloads`` as one batch and return the classified-ready :class:`Response`.
 
+    The whole request (connect, send, answer, body) ends within ``total_timeout``
+    seconds (default ``connect_timeout + read_timeout``); without a status code by
+    then it is a timeout. A body still arriving then is cut, the status stands.
     Never raises for network problems: they come back as ``status=None`` with a
     masked description, because for delivery they are just another outcome.
     """
@@ -232,28 +360,65 @@ def post_batch(
         body = gzip.compress(body, compresslevel=1, mtime=0)
         headers["Content-Encoding"] = "gzip"
     url = data_plane_url.rstrip("/") + BATCH_PATH
+    total = connect_timeout + read_timeout if total_timeout is None else total_timeout
     started = time.monotonic()
-    try:
-        resp = get_session().post(
-            url, data=body, headers=headers, timeout=(connect_timeout, read_timeout)
+    with _Deadline(total) as deadline:
+        try:
+            resp = get_session().post(
+                url,
+                data=body,
+                headers=headers,
+                timeout=(min(connect_timeout, total), min(read_timeout, total)),
+                allow_redirects=False,
+                stream=True,
+            )
+        except requests.RequestException as exc:
+            if deadline.expired:
+                text = f"timeout: no answer within the request's deadline of {total:.3g} s"
+            else:
+                kind = "timeout" if isinstance(exc, requests.Timeout) else "connection error"
+                text = f"{kind}: {type(exc).__name__}: {exc}"
+            return Response(None, mask(text, write_key), duration_ms=_elapsed_ms(started))
+        raw = _read_body(resp, deadline)
+    if 300 <= resp.status_code < 400:
+        text = (
+            f"redirected ({resp.status_code}) to {resp.headers.get('Location', '(no Location)')}: "
+            "DATA_PLANE_URL must be the data plane's own URL"
         )
-        # Mask before truncating, so that a key cut in two at the limit cannot leak half
-        # (the window decodes to far more than MAX_BODY_CHARS characters whatever the bytes).
-        text = resp.content[:_MASK_WINDOW_BYTES].decode("utf-8", "replace")
-        text = mask(text, write_key)[:MAX_BODY_CHARS].strip()
-    except requests.RequestException as exc:
-        kind = "timeout" if isinstance(exc, requests.Timeout) else "connection error"
-        return Response(
-            None,
-            mask(f"{kind}: {type(exc).__name__}: {exc}", write_key),
-            duration_ms=_elapsed_ms(started),
-        )
+    else:
+        text = raw.decode("utf-8", "replace")
+    # Mask before truncating, so that a key cut in two at the limit cannot leak half
+    # (MAX_RESPONSE_BYTES decodes to far more than MAX_BODY_CHARS characters).
     return Response(
         resp.status_code,
-        text,
+        mask(text, write_key)[:MAX_BODY_CHARS].strip(),
         parse_retry_after(resp.headers.get("Retry-After")),
         duration_ms=_elapsed_ms(started),
     )
+
+
+def _read_body(resp: requests.Response, deadline: _Deadline) -> bytes:
+    """At most :data:`MAX_RESPONSE_BYTES` of the body, read as it arrives, undecoded.
+
+    The connection goes back to the pool only when the body was read to its end
+    in time; otherwise it is closed, unread rest and all.
+    """
+    data = bytearray()
+    complete = False
+    try:
+        while len(data) < MAX_RESPONSE_BYTES:
+            chunk = resp.raw.read1(MAX_RESPONSE_BYTES - len(data), decode_content=False)
+            if not chunk:
+                complete = True
+                break
+            data += chunk
+    except (urllib3.exceptions.HTTPError, OSError):
+        pass  # the deadline or the server cut the body: the status has arrived, keep it
+    if not deadline.stop() and complete:
+        resp.raw.release_conn()
+    else:
+        resp.close()
+    return bytes(data)
 
 
 def _elapsed_ms(started: float) -> int:

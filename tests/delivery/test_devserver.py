@@ -6,9 +6,12 @@ import base64
 import gzip
 import io
 import json
+import logging
 import socket
 import threading
 import time
+import tracemalloc
+import zlib
 
 import pytest
 import requests
@@ -69,6 +72,57 @@ def test_auth_json_gzip_and_size(server):
         == 413
     )
     assert server.requests[-1].body_bytes > 4_096_000
+
+
+def _raw_post(server, head: bytes, body: bytes = b"") -> bytes:
+    """Send a hand-made request; the answer's status line and headers."""
+    with socket.create_connection(server.server_address[:2], timeout=5) as sock:
+        sock.sendall(head + b"\r\n\r\n" + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+        return answer
+
+
+def test_content_length_is_checked_before_the_body_is_read(server, caplog):
+    auth = AUTH["Authorization"].encode()
+    head = b"POST /v1/batch HTTP/1.1\r\nHost: x\r\nAuthorization: " + auth
+    with caplog.at_level(logging.WARNING, "django_cdp.devserver"):
+        # 5 MB announced, a few bytes sent: answered at once, nothing waited for.
+        answer = _raw_post(server, head + b"\r\nContent-Length: 5000000", b"{}")
+        assert answer.startswith(b"HTTP/1.1 413 ") and b"Connection: close" in answer
+        chunked = requests.post(
+            server.url + "/v1/batch", data=iter([b'{"batch":[]}']), headers=AUTH, timeout=5
+        )
+        assert (chunked.status_code, chunked.text) == (411, "length required\n")
+    assert [(r.status, r.body_bytes) for r in server.requests] == [(413, 5_000_000), (411, 0)]
+    assert "refused POST /v1/batch with 413 request size exceeds max limit" in caplog.text
+    assert "refused POST /v1/batch with 411 length required" in caplog.text
+
+
+def test_a_gzip_bomb_is_not_inflated(server, caplog):
+    deflater = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = bytes(1024 * 1024)
+    bomb = b"".join(deflater.compress(zeros) for _ in range(300)) + deflater.flush()
+    assert len(bomb) < 400_000  # 300 MB inflated
+    tracemalloc.start()
+    try:
+        resp = post(server, bomb, raw=True, headers={**AUTH, "Content-Encoding": "gzip"})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (resp.status_code, resp.text) == (413, "request size exceeds max limit\n")
+    assert peak < 4 * server.max_request_bytes
+    assert server.requests[-1].body_bytes == server.max_request_bytes + 1
+
+
+def test_gzip_members_and_truncation(server):
+    headers = {**AUTH, "Content-Encoding": "gzip"}
+    body = json.dumps({"batch": [GOOD]}).encode()
+    two_members = gzip.compress(body[:10]) + gzip.compress(body[10:])
+    assert post(server, two_members, raw=True, headers=headers).status_code == 200
+    truncated = gzip.compress(body)[:-12]
+    assert post(server, truncated, raw=True, headers=headers).status_code == 500
 
 
 def test_single_message_endpoints_take_the_type_from_the_path(server):

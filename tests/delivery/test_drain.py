@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import time
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from django.core.management import call_command
 from django.db.models import F
 from django.utils import timezone
 
-from django_cdp import delivery
+from django_cdp import delivery, transport
 from django_cdp.delivery import claim, drain
 from django_cdp.models import Message, TraitsDigest
 from django_cdp.signals import message_failed, message_sent
@@ -142,6 +145,55 @@ def test_config_error_keeps_messages_pending_and_is_loud(configure, data_plane, 
     assert row.last_error == "HTTP 401: invalid write key"
     assert row.next_attempt_at <= timezone.now() + timedelta(seconds=60)
     assert (row.locked_by, row.locked_until) == ("", None)
+
+
+def test_redirect_keeps_messages_pending_without_spending_an_attempt(configure, data_plane):
+    data_plane.status_sequence.append(302)
+    make_messages(5)
+    result = drain()
+    assert (result.config_errors, result.requests) == (5, 1)
+    row = Message.objects.first()
+    assert (row.status, row.attempts, row.last_response_code) == ("pending", 0, 302)
+    assert row.last_error.startswith("HTTP 302: redirected (302) to ")
+
+
+def test_a_request_never_outlives_the_lease(configure, data_plane):
+    # CONNECT_TIMEOUT + READ_TIMEOUT (7 s) exceeds the lease: the request is cut where the
+    # lease ends, so no other worker (and no erasure) can see the lease over while it runs.
+    configure(LEASE_SECONDS=2, CONNECT_TIMEOUT=2.0, READ_TIMEOUT=5.0)
+    data_plane.hang.set()
+    make_messages(1)
+    started = time.monotonic()
+    assert drain().retrying == 1
+    assert time.monotonic() - started < 3  # the request, then the write-back
+    row = Message.objects.get()
+    deadline = re.fullmatch(
+        r"timeout: no answer within the request's deadline of (.+) s", row.last_error
+    )
+    assert deadline and float(deadline[1]) <= 2.0  # not 7 s
+    assert row.delivery_attempts.get().duration_ms < 2100  # the timer's own latency
+
+
+def test_rows_erased_after_the_claim_are_left_out_of_the_next_request(
+    transactional_db, configure, data_plane, monkeypatch
+):
+    rows = make_messages(4, users=2)  # users 1, 2, 1, 2
+    data_plane.reject_message_ids = {rows[1].message_id}  # forces bisection
+    real = transport.post_batch
+
+    def post_batch(*args: Any, **kwargs: Any) -> transport.Response:
+        response = real(*args, **kwargs)
+        Message.objects.filter(user_id="1").delete()  # erased during the first request
+        return response
+
+    monkeypatch.setattr(transport, "post_batch", post_batch)
+    result = drain()
+    assert (result.sent, result.failed) == (1, 1)
+    assert [r.message_ids for r in data_plane.requests[1:]] == [
+        [rows[1].message_id],
+        [rows[3].message_id],
+    ]
+    assert data_plane.message_ids() == [rows[3].message_id]
 
 
 def test_server_errors_back_off_and_stop_the_drain(configure, data_plane):

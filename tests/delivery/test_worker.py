@@ -12,15 +12,19 @@ import json
 import logging
 import re
 import signal
+import threading
 import time
+from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
 from django.db import transaction
 
-from django_cdp import delivery
+from django_cdp import delivery, retention
+from django_cdp.devserver import DataPlaneServer
 from django_cdp.models import Message
 from tests.delivery.conftest import (
+    WRITE_KEY,
     cdp_config,
     make_messages,
     start_redis,
@@ -230,3 +234,71 @@ def test_hanging_data_plane_does_not_hang_the_worker(start_worker, data_plane, k
     data_plane.hang.clear()
     assert data_plane.wait_for(10, ARRIVAL_TIMEOUT)
     assert wait_statuses({"sent": 10}) == {"sent": 10}
+
+
+# --- erasure racing a worker -----------------------------------------------------------------
+
+
+class HoldingDataPlane(DataPlaneServer):
+    """Reads each request, never answers, and notes when the client gives up (closes)."""
+
+    def __init__(self) -> None:
+        super().__init__(write_key=WRITE_KEY)
+        self.arrived = threading.Event()
+        self.gone = threading.Event()
+        self.gone_at = 0.0
+
+    def handle_post(self, handler) -> None:
+        handler.rfile.read(int(handler.headers["Content-Length"]))
+        handler.close_connection = True
+        self.arrived.set()
+        while handler.connection.recv(65536):  # until the client closes the connection
+            pass
+        self.gone_at = time.monotonic()
+        self.gone.set()
+
+
+@pytest.fixture
+def holding_data_plane() -> Iterator[HoldingDataPlane]:
+    server = HoldingDataPlane().start()
+    yield server
+    server.stop()
+
+
+def test_erasure_returns_only_when_no_request_carrying_the_user_runs(
+    start_worker, holding_data_plane, kick
+):
+    # The request would be allowed 1 + 10 s, the lease is 3 s: the worker cuts its request
+    # where the lease ends, and erasure waits for the lease to end.
+    make_messages(3, users=1)
+    start_worker(
+        worker_cdp(holding_data_plane, LEASE_SECONDS=3, CONNECT_TIMEOUT=1.0, READ_TIMEOUT=10.0)
+    )
+    kick()
+    assert holding_data_plane.arrived.wait(ARRIVAL_TIMEOUT)  # claimed and being sent
+    result = retention.erase_user("1")
+    returned = time.monotonic()
+    assert (result.messages, result.in_flight) == (3, 3)
+    assert 0 < result.in_flight_seconds <= 3
+    assert holding_data_plane.gone.is_set(), "erasure returned while the request still ran"
+    assert holding_data_plane.gone_at <= returned
+    assert not Message.objects.exists()
+
+
+def test_worker_leaves_messages_erased_mid_batch_out_of_its_next_requests(
+    start_worker, data_plane, kick
+):
+    rows = make_messages(4, users=2)  # users 1, 2, 1, 2
+    data_plane.reject_message_ids = {rows[1].message_id}  # a 400: the batch is bisected
+    data_plane.delay = 1.0
+    start_worker(worker_cdp(data_plane, LEASE_SECONDS=20))
+    kick()
+    assert wait_until(lambda: data_plane.requests, ARRIVAL_TIMEOUT)  # first request in flight
+    result = retention.erase_user("1", wait=False)
+    data_plane.delay = 0.0
+    assert (result.messages, result.in_flight) == (2, 2)
+    assert wait_statuses({"failed": 1, "sent": 1}) == {"failed": 1, "sent": 1}
+    erased = {rows[0].message_id, rows[2].message_id}
+    assert erased <= set(data_plane.requests[0].message_ids)
+    assert all(not erased & set(r.message_ids) for r in data_plane.requests[1:])
+    assert data_plane.message_ids() == [rows[3].message_id]

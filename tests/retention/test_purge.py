@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import io
+import logging
+import time
 import uuid
 
 import pytest
@@ -12,7 +14,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext, override_settings
 from django.utils import timezone
 
-from django_cdp import tasks
+from django_cdp import retention, tasks
 from django_cdp.models import Message, TraitsDigest
 from django_cdp.registry import registry
 from tests.settings import DJANGO_CDP
@@ -155,6 +157,48 @@ def test_user_id_erases_every_message_and_the_digest_of_one_user(transactional_d
     assert "userId '42': deleted 5 message(s) and 1 traits digest(s)." in out
     assert "deletion request there too" in out
     assert "Data Regulation API" in out
+
+
+def _lease(user_id: str, seconds: float) -> None:
+    """Make the user's messages look claimed by a worker whose lease ends in ``seconds``."""
+    Message.objects.filter(user_id=user_id).update(
+        locked_by="host:1:abcd", locked_until=timezone.now() + datetime.timedelta(seconds=seconds)
+    )
+
+
+def test_erasure_waits_until_the_lease_of_claimed_messages_ends(transactional_db, caplog):
+    make("pending", 0, user_id="42", n=2)
+    make("pending", 0, user_id="43")
+    _lease("42", 1.5)
+    _lease("43", 30)  # another user's claim is no reason to wait
+    make("pending", 0, user_id="42")  # not claimed
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, "django_cdp.retention"):
+        result = retention.erase_user("42")
+    took = time.monotonic() - started
+    assert (result.messages, result.in_flight) == (3, 2)
+    assert 1.3 < result.in_flight_seconds <= 1.5
+    wait = result.in_flight_seconds + retention.ERASURE_GRACE_SECONDS
+    assert wait - 0.1 < took < wait + 1
+    assert "2 message(s) were claimed by a delivery worker; waiting" in caplog.text
+    assert list(Message.objects.values_list("user_id", flat=True)) == ["43"]
+
+
+def test_erasure_without_waiting_says_how_long_a_request_may_run(transactional_db):
+    make("pending", 0, user_id="42")
+    _lease("42", 20)
+    started = time.monotonic()
+    result = retention.erase_user("42", wait=False)
+    assert time.monotonic() - started < 5
+    assert (result.messages, result.in_flight) == (1, 1)
+    assert 15 < result.in_flight_seconds <= 20
+
+
+def test_an_expired_lease_is_not_waited_for(transactional_db):
+    make("pending", 0, user_id="42")
+    _lease("42", -5)  # its worker died; its request ended with the lease
+    result = retention.erase_user("42")
+    assert (result.messages, result.in_flight, result.in_flight_seconds) == (1, 0, 0.0)
 
 
 def test_user_id_dry_run_counts(transactional_db):
