@@ -35,6 +35,7 @@ what guarantees delivery when a kick is lost.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -47,17 +48,21 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any, NamedTuple
 
+from django.apps import apps
 from django.db import connections, transaction
 from django.db.models import F, Q
 from django.db.models.functions import Now
 
 from django_cdp import transport
+from django_cdp.capture.rows import build_row
 from django_cdp.models import DeliveryAttempt, Message, TraitsDigest
 from django_cdp.settings import cdp_settings
-from django_cdp.signals import message_failed, message_sent
+from django_cdp.signals import message_created, message_failed, message_sent
 from django_cdp.transport import Outcome
+from django_cdp.validation import TrackingPlanViolation
 
 logger = logging.getLogger("django_cdp.delivery")
 
@@ -175,7 +180,15 @@ def claim(
             due = due.select_for_update(skip_locked=True)
         candidates = list(
             due.order_by("next_attempt_at", "id").values_list(
-                "id", "message_id", "type", "user_id", "payload", "attempts"
+                "id",
+                "message_id",
+                "type",
+                "user_id",
+                "payload",
+                "attempts",
+                "xid",
+                "source_model",
+                "source_pk",
             )[:max_messages]
         )
         taken: list[tuple] = []
@@ -190,7 +203,8 @@ def claim(
         ids = [row[0] for row in taken]
         lease = Now() + timedelta(seconds=lease_seconds)
         # On PostgreSQL the rows are locked, so the conditions hold; on SQLite they
-        # are what makes the claim safe against a concurrent claimer.
+        # are what makes the claim safe against a concurrent claimer. A row written by
+        # a capture trigger is finished now: its transaction is over (xid, capture).
         updated = (
             Message.objects.using(using)
             .filter(id__in=ids, status=PENDING, next_attempt_at__lte=Now())
@@ -200,6 +214,8 @@ def claim(
                 locked_until=lease,
                 next_attempt_at=lease,
                 last_attempt_at=Now(),
+                xid=None,
+                capture=None,
             )
         )
         attempts = {row[0]: row[5] + 1 for row in taken}
@@ -209,10 +225,70 @@ def claim(
                 .filter(id__in=ids, locked_by=token, status=PENDING)
                 .values_list("id", "attempts")
             )
-    rows = [
-        Claimed(r[0], r[1], r[2], r[3], r[4], attempts[r[0]]) for r in taken if r[0] in attempts
-    ]
+        rows = [
+            Claimed(r[0], r[1], r[2], r[3], r[4], attempts[r[0]]) for r in taken if r[0] in attempts
+        ]
+        fresh = {r[0]: (r[7], r[8]) for r in taken if r[6] is not None}
+        if fresh:
+            rows = _finish(using, rows, fresh)
     return Batch(rows, more=len(taken) < len(candidates) or len(candidates) == max_messages)
+
+
+def _finish(using: str, rows: list[Claimed], fresh: dict[int, tuple[str, str]]) -> list[Claimed]:
+    """Python's part of the messages a capture trigger wrote, once, when they are claimed.
+
+    A trigger cannot run Python: the ``ENRICH_MESSAGE`` hook, tracking-plan
+    validation (``flag``, ``block``) and the ``message_created`` signal run here
+    instead, through the one row builder (:func:`~django_cdp.capture.rows.build_row`).
+    A message that is blocked, or fails (the hook raised), is written with its
+    status and leaves the batch; one the hook changed is written with its new text.
+    The claim cleared ``xid``, so a retry does not run them again.
+    """
+    hook = cdp_settings.ENRICH_MESSAGE
+    listeners = message_created.has_listeners(Message)
+    if hook is None and cdp_settings.VALIDATION == "off" and not listeners:
+        return rows
+    kept = []
+    for row in rows:
+        if row.id not in fresh:
+            kept.append(row)
+            continue
+        built = finish_row(row.payload, *fresh[row.id])
+        if built.payload != row.payload or built.status != PENDING or built.violations:
+            changes: dict[str, Any] = {
+                "payload": built.payload,
+                "status": built.status,
+                "last_error": built.last_error,
+                "violations": built.violations,
+            }
+            if built.status != PENDING:
+                changes.update(_CLEAR_LEASE, attempts=F("attempts") - 1)
+            Message.objects.using(using).filter(id=row.id).update(**changes)
+        if listeners:
+            built.pk = row.id
+            for receiver, result in message_created.send_robust(sender=Message, message=built):
+                if isinstance(result, Exception):
+                    logger.error(
+                        "django-cdp: a message_created receiver %r raised %r", receiver, result
+                    )
+        if built.status == PENDING:
+            kept.append(row._replace(payload=built.payload))
+    return kept
+
+
+def finish_row(payload: str, source_model: str, source_pk: str) -> Message:
+    """The row of a trigger-written message after its Python part (enrichment, validation)."""
+    model = apps.get_model(source_model) if source_model else Message
+    pk = model._meta.pk.to_python(source_pk)  # "5" -> 5, as the reason names it
+    message = json.loads(payload, parse_float=Decimal)
+    minimal = {k: v for k, v in message.items() if k not in ("properties", "traits")}
+    minimal["context"] = {k: v for k, v in message.get("context", {}).items() if k != "traits"}
+    try:
+        return build_row(lambda: message, minimal, instance=None, source=(model, pk))
+    except TrackingPlanViolation as exc:  # "raise" cannot raise into a write that is over
+        return build_row(
+            lambda: message, minimal, instance=None, source=(model, pk), error=str(exc)
+        )
 
 
 def _fenced(using: str, token: str, rows: Sequence[Claimed]) -> Any:
@@ -373,10 +449,9 @@ class _Run:
                 last_response_code=status,
             )
             if identifies:
-                match = Q()
-                for r in identifies:
-                    match |= Q(user_id=r.user_id, message_id=r.message_id)
-                TraitsDigest.objects.using(self.using).filter(match).delete()
+                TraitsDigest.objects.using(self.using).forget_identifies(
+                    [(r.user_id, r.message_id) for r in identifies]
+                )
         self.result.failed += n
         logger.warning("django-cdp: %d message(s) failed for good: %s", n, error[:300])
         _notify(message_failed, self.using, (r.id for r in rows))

@@ -146,13 +146,13 @@ def erase_user(
     ``in_flight_seconds`` says how long a request may still be running.
     """
     messages = Message.objects.using(using).filter(user_id=user_id)
-    digests = TraitsDigest.objects.using(using).filter(user_id=user_id)
+    digests = TraitsDigest.objects.using(using)
     if dry_run:
-        return ErasureResult(messages.count(), digests.count())
+        return ErasureResult(messages.count(), digests.filter(user_id=user_id).count())
     with transaction.atomic(using=using):
         in_flight, seconds = _leases(messages)
         deleted_messages = _delete_messages(messages)
-        deleted_digests, _ = digests.delete()
+        deleted_digests = digests.forget(user_id)
     result = ErasureResult(deleted_messages, deleted_digests, in_flight, seconds)
     if in_flight:
         wait_seconds = seconds + ERASURE_GRACE_SECONDS

@@ -1,0 +1,72 @@
+"""What needs Python runs when delivery claims a trigger-written message, once."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from django_cdp import delivery
+from django_cdp.models import Message
+from django_cdp.signals import message_created
+from example_project.payouts.models import Payout
+from tests.triggers.test_triggers import django_cdp_settings
+
+pytestmark = pytest.mark.postgres
+
+HOOKS = "tests.validation.hooks."
+
+
+def claim() -> list[delivery.Claimed]:
+    return delivery.claim(
+        "default", "test-token", max_messages=100, max_bytes=500_000, lease_seconds=60
+    ).rows
+
+
+def test_the_enrichment_hook_runs_at_the_claim_and_once(shop):
+    with django_cdp_settings(ENRICH_MESSAGE=HOOKS + "amount_as_text"):
+        Payout.objects.create(shop=shop, amount=Decimal("5"), currency="EUR")
+        (stored,) = Message.objects.filter(type="track")
+        assert stored.data["properties"]["amount"] == Decimal("5.00")  # as the trigger wrote it
+        assert stored.xid is not None
+        (row,) = claim()
+    stored.refresh_from_db()
+    assert stored.data["properties"]["amount"] == "5.00"  # the hook ran
+    assert row.payload == stored.payload  # and what is sent is what is stored
+    assert (stored.xid, stored.capture) == (None, None)  # finished: a retry does not rerun it
+
+
+def test_block_mode_keeps_a_violating_message_back_at_the_claim(shop):
+    plan = {"VALIDATION": "block", "ENRICH_MESSAGE": HOOKS + "big_payouts_get_a_flag"}
+    with django_cdp_settings(**plan):
+        Payout.objects.create(shop=shop, amount=Decimal("5000"), currency="EUR")
+        Payout.objects.create(shop=shop, amount=Decimal("5"), currency="EUR")
+        rows = claim()
+    assert len(rows) == 1  # only the conforming one is sent
+    blocked = Message.objects.get(status="blocked")
+    assert "Additional-Properties" in str(blocked.violations)
+    assert (blocked.locked_by, blocked.attempts) == ("", 0)
+
+
+def test_message_created_is_sent_at_the_claim(shop):
+    seen = []
+
+    def receiver(sender, message, **kwargs):
+        seen.append((message.pk, message.event))
+
+    message_created.connect(receiver, weak=False)
+    try:
+        Payout.objects.create(shop=shop, amount=Decimal("5"), currency="EUR")
+        assert seen == []  # nothing ran at write time: it was a trigger
+        (row,) = claim()
+    finally:
+        message_created.disconnect(receiver)
+    assert seen == [(row.id, "Payout Created")]
+
+
+def test_a_raising_hook_fails_the_message_at_the_claim(shop):
+    with django_cdp_settings(ENRICH_MESSAGE="tests.core.hooks.broken"):
+        payout = Payout.objects.create(shop=shop, amount=Decimal("5"), currency="EUR")
+        assert claim() == []
+    failed = Message.objects.get(status="failed")
+    assert failed.last_error == f"payouts.Payout pk={payout.pk}: RuntimeError: enrichment failed"
