@@ -14,11 +14,13 @@ suite's ``DJANGO_CDP`` tracking plan, plus ``auditlog``. Variants, all on the sa
   receivers stay connected and return at once). The baseline of every ratio.
 * **plain Django**: django-cdp's receivers disconnected (no receiver at all), to
   show what the switched-off receivers cost.
-* **django-cdp**: the Payout tracked with the example plan (properties amount,
-  currency, status; owner shop; re-identify the shop).
-* **django-cdp, identify off**: the same with ``"identify": False`` on Payout: the
-  difference to **django-cdp** is what the re-identify's read of the shop's traits
-  (with their digest) costs every child change.
+* **django-cdp signals**: the Payout tracked with the example plan (properties amount,
+  currency, status; owner shop; re-identify the shop) by the signal engine.
+* **signals, identify off**: the same with ``"identify": False`` on Payout: the
+  difference to **django-cdp signals** is what the re-identify's read of the shop's
+  traits (with their digest) costs every child change.
+* **django-cdp triggers**: the same plan captured by the trigger engine (its triggers
+  installed for this variant's blocks only).
 * **auditlog**: ``auditlog.register(Payout)`` for the blocks of this variant only
   (unregistered afterwards); django-cdp switched off.
 * **SDK track()**: a hand-written ``post_save`` receiver calling
@@ -58,14 +60,18 @@ from benchmarks import _common
 DATABASE = "cdp_bench_save_path"
 AMOUNTS = _common.AMOUNTS
 POOL = _common.POOL
+SIGNALS, TRIGGERS = "django-cdp signals", "django-cdp triggers"
 VARIANTS = (
     "untracked",
     "plain Django",
-    "django-cdp",
-    "django-cdp, identify off",
+    SIGNALS,
+    "signals, identify off",
+    TRIGGERS,
     "auditlog",
     "SDK track()",
 )
+#: The variants that write django-cdp messages (checked at the end).
+TRACKED = (SIGNALS, "signals, identify off", TRIGGERS)
 OPS = ("create", "update")
 MODES = ("atomic", "autocommit")
 BASELINE = "untracked"
@@ -77,12 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", type=int, help="timed ops per cell (default 3000, quick 300)")
     parser.add_argument("--block", type=int, help="ops per interleaved block (default 20)")
     parser.add_argument("--seed", type=int, default=20240602)
+    parser.add_argument(
+        "--bulk-rounds", type=int, help="rounds of the 10,000-row section (default 5, quick 2)"
+    )
     args = parser.parse_args(argv)
     ops = args.ops or (300 if args.quick else 3000)
     block = args.block or 20
     _common.setup_django(DATABASE)
     with _common.bench_database():
-        Bench(ops, block, args.seed).run()
+        bench = Bench(ops, block, args.seed)
+        bench.bulk_rounds = args.bulk_rounds or (2 if args.quick else 5)
+        bench.run()
     return 0
 
 
@@ -115,6 +126,7 @@ class Bench:
                 for _ in range(POOL)
             ]
         self.cursor = Counter()  # per op kind: position in the pool / amount toggle
+        self.bulk_created = self.bulk_updated = 0  # messages the bulk section expects
 
     # --- variants --------------------------------------------------------------------------
 
@@ -126,9 +138,17 @@ class Bench:
         from django_cdp import tracking_disabled
         from django_cdp.capture import signals as receivers
 
-        if name == "django-cdp":
+        if name == SIGNALS:
             yield
-        elif name == "django-cdp, identify off":
+        elif name == TRIGGERS:
+            # The same plan captured by triggers: installed on entering (DDL outside the
+            # timed ops), removed on leaving, so that no other variant pays for them.
+            from django.conf import settings
+            from django.test import override_settings
+
+            with override_settings(DJANGO_CDP={**settings.DJANGO_CDP, "CAPTURE": "triggers"}):
+                yield
+        elif name == "signals, identify off":
             # What the re-identify's traits read costs a child change: the same plan with
             # "identify": False on Payout.
             from django.conf import settings
@@ -250,9 +270,78 @@ class Bench:
         elapsed = time.monotonic() - started
 
         self.report(cells, samples, sql, elapsed)
+        self.bulk(self.bulk_rounds)
         self.breakdown(max(100, self.ops // 10))
         self.sanity_check()
         print(f"# load average {_common.load_average()} at the end")
+
+    def bulk(self, rounds: int, rows: int = 10_000) -> None:
+        """A ``QuerySet.update()`` of ``rows`` rows, a ``bulk_create`` of ``rows`` and a load
+        of ``rows``: untracked, triggers, and the signal engine's bulk helpers, interleaved."""
+        import django_cdp
+        from django_cdp import tracking_disabled
+
+        Payout, shop = self.Payout, self.shop
+        with tracking_disabled():
+            Payout.objects.bulk_create(
+                [Payout(shop=shop, amount=AMOUNTS[0], currency="EUR") for _ in range(rows)]
+            )
+        ids = list(Payout.objects.order_by("-id").values_list("id", flat=True)[:rows])
+        table = Payout.objects.filter(id__in=ids)
+        variants = ("untracked", TRIGGERS, SIGNALS)
+        times: dict[tuple[str, str], list[float]] = defaultdict(list)
+        rng = random.Random(self.seed)
+        flip = 0
+
+        def update(variant: str) -> None:
+            nonlocal flip
+            flip += 1
+            amount = AMOUNTS[flip % 2]
+            if variant == SIGNALS:
+                django_cdp.queryset_update(table, amount=amount)
+            else:
+                table.update(amount=amount)
+
+        def create(variant: str) -> None:
+            new = [Payout(shop=shop, amount=AMOUNTS[1], currency="USD") for _ in range(rows)]
+            (django_cdp.bulk_create if variant == SIGNALS else Payout.objects.bulk_create)(new)
+
+        def load(variant: str) -> None:
+            list(table)
+
+        for _ in range(rounds):
+            order = [(v, op) for v in variants for op in ("update", "create", "load")]
+            rng.shuffle(order)
+            for variant, op in order:
+                with self.variant(variant):
+                    func = {"update": update, "create": create, "load": load}[op]
+                    started = time.perf_counter()
+                    func(variant)
+                    times[variant, op].append((time.perf_counter() - started) * 1000)
+                    if variant != "untracked" and op != "load":
+                        if op == "update":
+                            self.bulk_updated += rows
+                        else:
+                            self.bulk_created += rows
+                if op == "create":
+                    with tracking_disabled():
+                        Payout.objects.filter(currency="USD").delete()
+        print(f"## {rows:,} rows at once: median ms of {rounds} interleaved rounds\n")
+        table_rows = []
+        for variant in variants:
+            row = [variant]
+            for op in ("update", "create", "load"):
+                base = _common.median(times["untracked", op])
+                value = _common.median(times[variant, op])
+                row += [f"{value:.0f}", f"{value / base:.2f}x"]
+            table_rows.append(row)
+        headers = ["variant", "QuerySet.update() ms", "ratio", "bulk_create ms", "ratio"]
+        headers += ["load ms", "ratio"]
+        print(_common.table(headers, table_rows))
+        print(
+            "\nsignals: django_cdp.queryset_update / django_cdp.bulk_create (the helpers record "
+            "the messages); untracked and triggers: the ORM's own calls\n"
+        )
 
     def breakdown(self, n: int) -> None:
         """Where django-cdp's time goes: its recording steps timed one by one (median µs).
@@ -293,7 +382,7 @@ class Bench:
             for mode in MODES:
                 for op in OPS:
                     cell[:] = [op, mode]
-                    self.run_ops("django-cdp", op, mode, n, timed=False)
+                    self.run_ops(SIGNALS, op, mode, n, timed=False)
                     medians = [times.get((op, mode, step)) for step in steps]
                     rows.append(
                         [f"{op}, {mode}"]
@@ -357,7 +446,7 @@ class Bench:
         print()
 
         print("## statements per op (cursor statements; BEGIN/COMMIT of explicit transactions)\n")
-        for variant in ("untracked", "django-cdp", "auditlog", "SDK track()"):
+        for variant in ("untracked", SIGNALS, TRIGGERS, "auditlog", "SDK track()"):
             for mode in MODES:
                 for op in OPS:
                     statements, commits, text = sql[variant, op, mode]
@@ -385,8 +474,8 @@ class Bench:
         )
         identifies = Message.objects.filter(type="identify").count()
         expected = {
-            "Payout Created": self.done["django-cdp", "create"],
-            "Payout Updated": self.done["django-cdp", "update"],
+            "Payout Created": sum(self.done[v, "create"] for v in TRACKED) + self.bulk_created,
+            "Payout Updated": sum(self.done[v, "update"] for v in TRACKED) + self.bulk_updated,
             "Shop Created": 1,
         }
         audit = LogEntry.objects.count()

@@ -76,3 +76,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     counts_file = os.environ.get("CDP_TEST_COUNTS_FILE")
     if counts_file:
         Path(counts_file).write_text(json.dumps(counts))
+
+
+@pytest.fixture
+def engine(transactional_db) -> str:
+    """The capture engine of the suites outside ``tests/core``: the suite's default (signals).
+
+    ``tests/core`` overrides it to run its behaviour tests under both engines.
+    """
+    return "signals"

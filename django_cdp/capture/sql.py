@@ -20,8 +20,7 @@ Every value's JSON form matches :func:`django_cdp.payloads.field_value`:
   ``Decimal``;
 * a ``timestamptz`` is rendered in UTC with a ``Z`` and microseconds only when
   there are some, as ``datetime.isoformat()`` does (the functions run with
-  ``TimeZone = 'UTC'``, so jsonb renders ``+00:00``, which :data:`UTC_FUNCTION`
-  rewrites);
+  ``TimeZone = 'UTC'``, so jsonb renders ``+00:00``, which is rewritten);
 * a non-finite float (jsonb gives ``"NaN"``, ``"Infinity"``) is not sent: the
   row fails with the signal engine's reason (``score: inf is not a JSON number``).
 """
@@ -43,21 +42,14 @@ from django_cdp.registry import IdentityConfig, ModelConfig, Source
 #: Dollar-quote tag of every generated function body.
 BODY_TAG = "$django_cdp$"
 
-#: ``text`` of a jsonb timestamp in UTC -> the signal engine's ISO form (``…T10:34:56.5Z`` is
-#: ``…T10:34:56.500000Z``; whole seconds have no fraction).
-UTC_FUNCTION = "django_cdp_utc"
-UTC_FUNCTION_SQL = f"""
-CREATE OR REPLACE FUNCTION {UTC_FUNCTION}(value text) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS {BODY_TAG}
-    SELECT substr(value, 1, 19)
-        || COALESCE('.' || rpad(substring(value from '^.{{19}}\\.(\\d+)'), 6, '0'), '')
-        || 'Z'
-{BODY_TAG};
-"""
-
-#: Settings a generated function runs with: UTC rendering of times, and no search_path
-#: surprises (the functions run as their owner: see docs/triggers.md, "Privileges").
-FUNCTION_OPTIONS = "SET TimeZone = 'UTC' SET search_path = pg_catalog, public, pg_temp"
+#: Settings a generated function runs with: UTC rendering of times; no search_path surprises
+#: (the functions run as their owner: docs/triggers.md, "Privileges"); and one generic plan
+#: per statement, planned once per connection (a custom plan per call would re-plan these
+#: large statements on every write).
+FUNCTION_OPTIONS = (
+    "SET TimeZone = 'UTC' SET search_path = pg_catalog, public, pg_temp "
+    "SET plan_cache_mode = force_generic_plan"
+)
 
 #: The transaction-local setting ``tracking_disabled()`` sets for the triggers.
 OFF_SETTING = "django_cdp.off"
@@ -100,7 +92,14 @@ class Builder:
         raw = f"({row}->{literal(field.column)})"
         kind = value_field(field).get_internal_type()
         if kind == "DateTimeField":
-            return Value(f"to_jsonb({UTC_FUNCTION}({raw}#>>'{{}}'))")
+            # jsonb renders a timestamptz as "…T10:34:56.5+00:00" (the functions run in UTC);
+            # isoformat() writes "…T10:34:56.500000", and no fraction for whole seconds.
+            text = f"({raw}#>>'{{}}')"
+            iso = (
+                f"substr({text}, 1, 19) || COALESCE('.' || "
+                f"rpad(substring({text} from '^.{{19}}\\.(\\d+)'), 6, '0'), '') || 'Z'"
+            )
+            return Value(f"to_jsonb({iso})")
         if kind == "FloatField":
             bad = f"jsonb_typeof({raw}) = 'string'"
             shown = (
@@ -247,14 +246,20 @@ class Builder:
 # --- messages -----------------------------------------------------------------------------------
 
 LIBRARY = {"library": {"name": LIBRARY_NAME, "version": __version__}}
-TIMESTAMP = f"{UTC_FUNCTION}(to_jsonb(clock_timestamp())#>>'{{}}')"
+#: ``originalTimestamp`` of a statement's messages: taken once per statement into the function's
+#: variable ``stamp`` (the wall clock, as the signal engine's ``timezone.now()`` at the write),
+#: written as ``isoformat()`` writes it: microseconds, none for a whole second.
+TIMESTAMP = (
+    "replace(to_char(clock_timestamp() AT TIME ZONE 'UTC', "
+    "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), '.000000Z', 'Z')"
+)
 
 
 def track_message(event: str, user_id: str, properties: str, integrations: dict | None) -> str:
     """The jsonb of a track, as :func:`django_cdp.payloads.track_message` builds it."""
     return (
         "jsonb_build_object('type', 'track', 'userId', {uid}, 'messageId', mid, "
-        "'originalTimestamp', ts, 'channel', 'server', 'context', {ctx}, 'event', {event}, "
+        "'originalTimestamp', stamp, 'channel', 'server', 'context', {ctx}, 'event', {event}, "
         "'properties', {props}, 'integrations', {integrations})"
     ).format(
         uid=user_id,
@@ -269,7 +274,7 @@ def identify_message(user_id: str, traits: str) -> str:
     """The jsonb of an identify, as :func:`django_cdp.payloads.identify_message` builds it."""
     return (
         f"jsonb_build_object('type', 'identify', 'userId', {user_id}, 'messageId', mid, "
-        "'originalTimestamp', ts, 'channel', 'server', "
+        "'originalTimestamp', stamp, 'channel', 'server', "
         f"'context', {jsonb_literal(LIBRARY)} || jsonb_build_object('traits', {traits}), "
         f"'traits', {traits}, "
         "'integrations', '{\"All\":true}'::jsonb)"
@@ -280,11 +285,13 @@ def _thousands(expr: str) -> str:
     return f"to_char({expr}, 'FM999,999,999,999,990')"
 
 
-def outcome(message: str, minimal: str, error: str, user_id: str, where: str, limit: int) -> dict:
+def outcome(
+    text: str, size: str, minimal: str, error: str, user_id: str, where: str, limit: int
+) -> dict:
     """Status, reason and payload of a built row, in the order
     :func:`~django_cdp.capture.rows.build_row` decides them: cannot be built, no userId,
-    too large."""
-    size = f"octet_length(({message})::text)"
+    too large. ``text`` and ``size`` are the message's text and its length in bytes, computed
+    once; ``minimal`` is only built for a row that fails."""
     too_large = f"{size} > {limit}"
     return {
         "status": (
@@ -295,12 +302,12 @@ def outcome(message: str, minimal: str, error: str, user_id: str, where: str, li
             f"CASE WHEN {error} IS NOT NULL THEN {where} || ': ' || {error} "
             f"WHEN {user_id} IS NULL THEN 'no userId' "
             f"WHEN {too_large} THEN {where} || ': too large (' || {_thousands(size)} || ' > ' "
-            f"|| {literal(f'{limit:,}')} || ' bytes); it begins: ' || left(({message})::text, 500) "
+            f"|| {literal(f'{limit:,}')} || ' bytes); it begins: ' || left({text}, 500) "
             "ELSE '' END"
         ),
         "payload": (
             f"CASE WHEN {error} IS NOT NULL OR ({user_id} IS NOT NULL AND {too_large}) "
-            f"THEN ({minimal})::text ELSE ({message})::text END"
+            f"THEN ({minimal})::text ELSE {text} END"
         ),
     }
 

@@ -54,8 +54,6 @@ from django_cdp.capture.sql import (
     FUNCTION_OPTIONS,
     OFF_SETTING,
     TIMESTAMP,
-    UTC_FUNCTION,
-    UTC_FUNCTION_SQL,
     Builder,
     identify_message,
     literal,
@@ -153,11 +151,23 @@ class Generator:
             f"SELECT {', '.join(exprs)} FROM {source}"
         )
 
+    def _decided(self, minimal: str, where: str) -> dict[str, str]:
+        """Status, reason and payload of the rows of a CTE ``m`` (:meth:`_measured`)."""
+        return outcome("m.text", "m.size", minimal, "m.err", "m.uid", where, self.limit)
+
+    @staticmethod
+    def _measured(message: str, rows: str = "b") -> str:
+        """SELECT of ``rows`` with their message's text and its size, each computed once."""
+        return (
+            f"SELECT {rows}.*, t.text, octet_length(t.text) AS size FROM {rows}, "
+            f"LATERAL (SELECT ({message})::text AS text) t"
+        )
+
     def _row_values(
-        self, kind: str, event: str, source_model: str, capture: str, where: str
+        self, kind: str, event: str, source_model: str, capture: str, where: str, minimal: str
     ) -> dict[str, str]:
-        """Column values of a message row built in a CTE ``m`` (msg, minimal, err, uid, mid, pk)."""
-        decided = outcome("m.msg", "m.minimal", "m.err", "m.uid", where, self.limit)
+        """Column values of a message row built in a CTE ``m`` (text, size, err, uid, mid, pk)."""
+        decided = self._decided(minimal, where)
         return {
             "message_id": "m.mid",
             "type": literal(kind),
@@ -181,7 +191,7 @@ class Generator:
         return (
             f"CREATE OR REPLACE FUNCTION {self.q(name)}({arguments}) RETURNS {returns} "
             f"LANGUAGE plpgsql SECURITY DEFINER {FUNCTION_OPTIONS} AS {BODY_TAG}\n"
-            f"DECLARE\n    x bigint;\n{declare}BEGIN\n{body}\nEND\n{BODY_TAG};"
+            f"DECLARE\n    x bigint;\n    stamp text;\n{declare}BEGIN\n{body}\nEND\n{BODY_TAG};"
         )
 
     def _guard(self) -> str:
@@ -189,6 +199,7 @@ class Generator:
             f"    IF current_setting({literal(OFF_SETTING)}, true) = 'on' THEN\n"
             "        RETURN NULL;\n    END IF;\n"
             "    x := pg_current_xact_id()::text::bigint;\n"
+            f"    stamp := {TIMESTAMP};\n"
         )
 
     def _identify_call(self, config: ModelConfig, rows: str) -> str:
@@ -220,17 +231,16 @@ class Generator:
             "update": self._update_function(config),
             "delete": self._delete_function(config),
         }
-        text = "\n".join([SQL_VERSION, UTC_FUNCTION_SQL, identify, *functions.values()])
+        text = "\n".join([SQL_VERSION, identify, *functions.values()])
         return ModelSql(config, functions, identify, hashlib.md5(text.encode()).hexdigest())
 
-    def _built(self, config: ModelConfig, action: str, props: str, where_rows: str) -> str:
-        """SELECT of the built track messages (``m``) of the rows of ``b``."""
-        user_id = "b.uid"
+    def _built(self, config: ModelConfig, action: str) -> tuple[str, str]:
+        """SELECT of the rows of ``b`` with their track's text (``m``), and the minimal
+        message of a row of ``m`` that fails."""
         event = config.event_names.get(action, "")
         integrations = config.integrations
-        msg = track_message(event, user_id, props, integrations)
-        minimal = track_message(event, user_id, "'{}'::jsonb", integrations)
-        return f"SELECT b.*, {msg} AS msg, {minimal} AS minimal FROM b {where_rows}"
+        msg = track_message(event, "b.uid", "b.props", integrations)
+        return self._measured(msg), track_message(event, "m.uid", EMPTY, integrations)
 
     def _base(
         self, config: ModelConfig, rows: str, extra: str = "", mid: str = "gen_random_uuid()::text"
@@ -241,8 +251,7 @@ class Generator:
         props, error = self.sql.properties(config, "r.j")
         return (
             f"SELECT r.*, {self.sql.pk_text(config.model, 'r.j')} AS pk, {uid} AS uid, "
-            f"{props} AS props, {error} AS err, {mid} AS mid, "
-            f"{TIMESTAMP} AS ts{extra} FROM {rows} r"
+            f"{props} AS props, {error} AS err, {mid} AS mid{extra} FROM {rows} r"
         )
 
     def _insert_function(self, config: ModelConfig) -> str:
@@ -251,15 +260,13 @@ class Generator:
             label = config.model._meta.label_lower
             where = self.sql.describe(config.model, "m.j")
             capture = "jsonb_build_object('action', 'created', 'current', m.cur)"
+            built, minimal = self._built(config, CREATED)
             values = self._row_values(
-                "track", literal(config.event_name(CREATED)), label, capture, where
+                "track", literal(config.event_name(CREATED)), label, capture, where, minimal
             )
             rows = "(SELECT to_jsonb(n) AS j FROM new_rows n)"
             tracked = self.sql.tracked(config, "r.j")
-            source = (
-                f"(WITH b AS ({self._base(config, rows, f', {tracked} AS cur')}) "
-                f"{self._built(config, CREATED, 'b.props', '')}) m"
-            )
+            source = f"(WITH b AS ({self._base(config, rows, f', {tracked} AS cur')}) {built}) m"
             body += f"    {self._insert_messages(values, source)};\n"
         body += self._identify_call(config, "new_rows")
         body += "    RETURN NULL;"
@@ -288,17 +295,17 @@ class Generator:
             track_message(updated_event, "b.uid", with_changes, integrations),
         )
         minimal = by_action(
-            track_message(created_event, "b.uid", EMPTY, integrations),
-            track_message(updated_event, "b.uid", EMPTY, integrations),
-        )
+            track_message(created_event, "m.uid", EMPTY, integrations),
+            track_message(updated_event, "m.uid", EMPTY, integrations),
+        ).replace("b.action", "m.action")
         event = by_action(literal(created_event), literal(updated_event)).replace("b.", "m.")
         capture = by_action(
             "jsonb_build_object('action', 'created', 'current', b.cur)",
             "jsonb_build_object('action', 'updated', 'reference', b.ref)",
         ).replace("b.", "m.")
         where = self.sql.describe(config.model, "m.j")
-        values = self._row_values("track", event, label, capture, where)
-        decided = outcome("m.msg", "m.minimal", "m.err", "m.uid", where, self.limit)
+        values = self._row_values("track", event, label, capture, where, minimal)
+        decided = self._decided(minimal, where)
         ctes = [
             f"c AS (SELECT r.j, {self.sql.tracked(config, 'r.j')} AS cur, "
             f"{self.sql.tracked(config, 'r.oj')} AS old FROM {pairs} r)",
@@ -318,7 +325,7 @@ class Generator:
             "(r.action = 'created' AND r.cur IS DISTINCT FROM r.last) "
             "OR (r.action = 'updated' AND cardinality(r.changed) > 0) "
             f"OR (r.action IS NULL AND cardinality(r.changed) > 0 AND {updated}))",
-            f"m AS (SELECT b.*, {msg} AS msg, {minimal} AS minimal FROM b)",
+            f"m AS ({self._measured(msg)})",
             # An update whose changes cancelled out: its message goes.
             f"gone AS (DELETE FROM {self.message} WHERE id IN (SELECT entry_id FROM f "
             "WHERE action = 'updated' AND cardinality(changed) = 0))",
@@ -338,8 +345,9 @@ class Generator:
         identity = registry.identity
         deleted = "TRUE" if DELETED in config.events else "FALSE"
         where = self.sql.describe(config.model, "m.j")
+        built, minimal = self._built(config, DELETED)
         values = self._row_values(
-            "track", literal(config.event_names.get(DELETED, "")), label, "NULL", where
+            "track", literal(config.event_names.get(DELETED, "")), label, "NULL", where, minimal
         )
         pk_c = self.sql.pk_text(config.model, "c.j")
         ctes = [
@@ -363,7 +371,7 @@ class Generator:
         )
         ctes += [
             f"b AS ({self._base(config, kept)})",
-            f"m AS ({self._built(config, DELETED, 'b.props', '')})",
+            f"m AS ({built})",
         ]
         body = self._guard() + (
             "    WITH " + ",\n    ".join(ctes) + f"\n    {self._insert_messages(values, 'm')};\n"
@@ -385,13 +393,15 @@ class Generator:
         unchanged = "TRUE" if cdp_settings.SEND_UNCHANGED_IDENTIFY else "FALSE"
         new_rows = "(SELECT * FROM m WHERE m.entry_id IS NULL) m"
         where = self.sql.describe(identity.model, "m.s")
-        decided = outcome("m.msg", "m.minimal", "m.err", "m.uid", where, self.limit)
+        minimal = identify_message("m.uid", EMPTY)
+        decided = self._decided(minimal, where)
         values = self._row_values(
-            "identify", "''", label, "jsonb_build_object('digest', m.digest)", where
+            "identify", "''", label, "jsonb_build_object('digest', m.digest)", where, minimal
         )
         body = (
             "    IF owners IS NULL OR cardinality(owners) = 0 THEN RETURN; END IF;\n"
             "    x := pg_current_xact_id()::text::bigint;\n"
+            f"    stamp := {TIMESTAMP};\n"
             f"    WITH cur AS (SELECT r.s, {pk_s} AS pk, {uid} AS uid, {traits} AS traits, "
             f"{error} AS err FROM (SELECT to_jsonb(t) AS s FROM {table} t "
             f"WHERE t.{self.q(pk.column)} = "
@@ -400,13 +410,12 @@ class Generator:
             "AS digest FROM cur),\n"
             f"    e AS ({self._open_entries(label, 'identify', 'SELECT pk FROM cur')}),\n"
             "    p AS (SELECT dg.*, e.id AS entry_id, COALESCE(e.message_id, "
-            f"gen_random_uuid()::text) AS mid, {TIMESTAMP} AS ts FROM dg "
+            "gen_random_uuid()::text) AS mid FROM dg "
             "LEFT JOIN e ON e.source_pk = dg.pk WHERE CASE WHEN e.id IS NOT NULL "
             "THEN dg.digest IS NULL OR dg.digest IS DISTINCT FROM e.capture->>'digest' "
             f"ELSE dg.digest IS NULL OR {unchanged} OR dg.digest IS DISTINCT FROM "
             f"(SELECT d.digest FROM {self.digests} d WHERE d.user_id = dg.uid) END),\n"
-            f"    m AS (SELECT p.*, {identify_message('p.uid', 'p.traits')} AS msg, "
-            f"{identify_message('p.uid', EMPTY)} AS minimal FROM p),\n"
+            f"    m AS ({self._measured(identify_message('p.uid', 'p.traits'), 'p')}),\n"
             f"    rewritten AS (UPDATE {self.message} t SET payload = {decided['payload']}, "
             f"status = {decided['status']}, last_error = {decided['last_error']}, "
             "user_id = COALESCE(m.uid, ''), capture = jsonb_build_object('digest', m.digest) "
@@ -533,7 +542,6 @@ def install(using: str, *, force: bool = False) -> list[str]:
         )
     ]
     if todo:
-        statements.append(UTC_FUNCTION_SQL)
         for identify in dict.fromkeys(w.identify for w in todo if w.identify):
             statements.append(identify)
     for model_sql in todo:
@@ -554,7 +562,7 @@ def install(using: str, *, force: bool = False) -> list[str]:
         return changes
     keep = {function_name(w.config, op) for w in wanted for op in OPERATIONS}
     if wanted:
-        keep |= {UTC_FUNCTION, identify_function(registry.identity)}
+        keep.add(identify_function(registry.identity))
     with transaction.atomic(using=using):
         with connection.cursor() as cursor:
             for statement in statements:
