@@ -8,6 +8,7 @@ differ (at most once per transaction, with the final traits).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from django_cdp.capture.state import (
     writing,
 )
 from django_cdp.models import Message, TraitsDigest
-from django_cdp.registry import ModelConfig, registry
+from django_cdp.registry import IdentityConfig, ModelConfig, registry
 from django_cdp.settings import cdp_settings
 
 Owner = tuple[Any, str | None]  # (pk of the identity row, userId)
@@ -106,16 +107,18 @@ def in_database(using: str) -> bool:
     return connections[using].vendor == "postgresql" and identity_blocker(identity) is None
 
 
+@functools.lru_cache(maxsize=16)
+def _traits_query(identity: IdentityConfig, using: str) -> str:
+    """The SQL of :func:`traits_batch`, written once per identity configuration and database."""
+    connection = connections[using]
+    digests = connection.ops.quote_name(TraitsDigest._meta.db_table)
+    return sql.traits_query(sql.Builder(connection), identity, digests)
+
+
 def traits_batch(pks: list[Any], using: str) -> dict[str, Traits]:
     """Owners' traits and digests computed in the database, one query: pk text -> traits."""
-    connection = connections[using]
-    query = sql.traits_query(
-        sql.Builder(connection),
-        registry.identity,
-        connection.ops.quote_name(TraitsDigest._meta.db_table),
-    )
-    with connection.cursor() as cursor:
-        cursor.execute(query, [[str(pk) for pk in pks]])
+    with connections[using].cursor() as cursor:
+        cursor.execute(_traits_query(registry.identity, using), [[str(pk) for pk in pks]])
         rows = cursor.fetchall()
     out = {}
     for pk, uid, text, error, digest, stored in rows:

@@ -315,15 +315,17 @@ def outcome(
 def traits_query(builder: Builder, identity: IdentityConfig, digests_table: str) -> str:
     """SELECT of owners' userId, traits (jsonb text), error and digest, with the digest last
     recorded for them: one row per pk in ``%s`` (an array of pk texts)."""
-    row = "to_jsonb(t)"
     pk = identity.model._meta.pk
-    traits, error = builder.traits(identity, row)
-    _, uid = builder.identity_owner(identity, row)
+    traits, error = builder.traits(identity, "r.s")
+    _, uid = builder.identity_owner(identity, "r.s")
+    rows = (
+        f"SELECT {builder.pk_text(identity.model, 'r.s')} AS pk, {uid} AS uid, "
+        f"({traits})::text AS traits, {error} AS error "
+        f"FROM (SELECT to_jsonb(t) AS s FROM {builder.table(identity.model)} t "
+        f"WHERE t.{builder.quote(pk.column)} = ANY(%s::{pk.cast_db_type(builder.connection)}[])) r"
+    )
     return (
-        f"SELECT {builder.pk_text(identity.model, row)} AS pk, {uid} AS uid, "
-        f"({traits})::text AS traits, {error} AS error, "
-        f"md5(({traits})::text) AS digest, "
-        f"(SELECT d.digest FROM {digests_table} d WHERE d.user_id = {uid}) AS stored "
-        f"FROM {builder.table(identity.model)} t "
-        f"WHERE t.{builder.quote(pk.column)} = ANY(%s::{pk.cast_db_type(builder.connection)}[])"
+        "SELECT q.pk, q.uid, q.traits, q.error, md5(q.traits) AS digest, "
+        f"(SELECT d.digest FROM {digests_table} d WHERE d.user_id = q.uid) AS stored "
+        f"FROM ({rows}) q"
     )
