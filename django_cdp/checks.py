@@ -186,7 +186,9 @@ def check_triggers(
             )
         )
         stale = [row for row in rows if row.engine == engines.TRIGGERS and not row.ok]
-        if stale:
+        # A database that never had them (a new one, before its first migrate) is not stale:
+        # migrate installs them.
+        if stale and any(row.installed for row in rows):
             names = ", ".join(f"{row.label} ({row.state})" for row in stale)
             messages.append(
                 checks.Warning(

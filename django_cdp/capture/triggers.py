@@ -471,27 +471,32 @@ def databases() -> list[str]:
     ]
 
 
+def _ours(connection: BaseDatabaseWrapper, query: str) -> list[tuple]:
+    """The rows of a catalog query whose ``%s`` matches names starting with :data:`PREFIX`."""
+    with connection.cursor() as cursor:
+        cursor.execute(query, [PREFIX.replace("_", "\\_") + "%"])
+        return cursor.fetchall()
+
+
 def _installed(connection: BaseDatabaseWrapper) -> dict[tuple[str, str], str]:
     """(table, trigger name) -> comment of every django-cdp trigger in the database."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT c.relname, t.tgname, COALESCE(obj_description(t.oid, 'pg_trigger'), '') "
-            "FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
-            "WHERE NOT t.tgisinternal AND t.tgname LIKE %s",
-            [PREFIX.replace("_", "\\_") + "%"],
-        )
-        return {(table, name): comment for table, name, comment in cursor.fetchall()}
+    rows = _ours(
+        connection,
+        "SELECT c.relname, t.tgname, COALESCE(obj_description(t.oid, 'pg_trigger'), '') "
+        "FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+        "WHERE NOT t.tgisinternal AND t.tgname LIKE %s",
+    )
+    return {(table, name): comment for table, name, comment in rows}
 
 
 def _functions(connection: BaseDatabaseWrapper) -> list[str]:
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT p.oid::regprocedure::text FROM pg_proc p "
-            "JOIN pg_namespace n ON n.oid = p.pronamespace "
-            "WHERE n.nspname = current_schema() AND p.proname LIKE %s",
-            [PREFIX.replace("_", "\\_") + "%"],
-        )
-        return [row[0] for row in cursor.fetchall()]
+    rows = _ours(
+        connection,
+        "SELECT p.oid::regprocedure::text FROM pg_proc p "
+        "JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE n.nspname = current_schema() AND p.proname LIKE %s",
+    )
+    return [row[0] for row in rows]
 
 
 def _comment(digest: str) -> str:

@@ -260,6 +260,13 @@ def test_a_settings_change_without_install_is_outdated(triggers_installed, setti
         setting_changed.connect(_reinstall_on_change)
 
 
+def test_a_database_that_never_had_triggers_is_not_stale(triggers_installed):
+    from django_cdp.checks import check_triggers
+
+    run("uninstall")
+    assert [m.id for m in check_triggers(databases=["default"])] == ["django_cdp.I002"]
+
+
 def test_signals_models_keep_no_triggers(transactional_db, settings):
     settings.DJANGO_CDP = {**settings.DJANGO_CDP, "CAPTURE": "signals"}
     assert all(row.state == "-" for row in triggers.status("default"))

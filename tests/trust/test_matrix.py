@@ -47,29 +47,31 @@ def create_atomic(failure, shop):
     return reading
 
 
-def update_atomic(failure, shop):
+def _changed_reading(failure, shop) -> tuple[Reading, dict]:
+    """A reading saved cleanly, then changed in memory with the failure point's values."""
     reading = _clean_reading(shop)
+    values = _update_values(failure)
+    for name, value in values.items():
+        setattr(reading, name, value)
+    return reading, values
+
+
+def update_atomic(failure, shop):
+    reading, _ = _changed_reading(failure, shop)
     with transaction.atomic():
-        for name, value in _update_values(failure).items():
-            setattr(reading, name, value)
         reading.save()
         assert Shop.objects.filter(pk=shop.pk).exists()
     return reading
 
 
 def update_autocommit(failure, shop):
-    reading = _clean_reading(shop)
-    for name, value in _update_values(failure).items():
-        setattr(reading, name, value)
+    reading, _ = _changed_reading(failure, shop)
     reading.save()
     return reading
 
 
 def update_fields(failure, shop):
-    reading = _clean_reading(shop)
-    values = _update_values(failure)
-    for name, value in values.items():
-        setattr(reading, name, value)
+    reading, values = _changed_reading(failure, shop)
     with transaction.atomic():
         reading.save(update_fields=list(values))
         assert Shop.objects.filter(pk=shop.pk).exists()
@@ -128,10 +130,7 @@ def bulk_create(failure, shop):
 
 
 def bulk_update(failure, shop):
-    reading = _clean_reading(shop)
-    values = _update_values(failure)
-    for name, value in values.items():
-        setattr(reading, name, value)
+    reading, values = _changed_reading(failure, shop)
     django_cdp.bulk_update([reading], list(values))
     return reading
 
