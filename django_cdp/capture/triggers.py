@@ -398,35 +398,46 @@ class Generator:
         values = self._row_values(
             "identify", "''", label, "jsonb_build_object('digest', m.digest)", where, minimal
         )
-        body = (
-            "    IF owners IS NULL OR cardinality(owners) = 0 THEN RETURN; END IF;\n"
-            "    x := pg_current_xact_id()::text::bigint;\n"
-            f"    stamp := {TIMESTAMP};\n"
-            f"    WITH cur AS (SELECT r.s, {pk_s} AS pk, {uid} AS uid, {traits} AS traits, "
+        reads = [
+            f"cur AS (SELECT r.s, {pk_s} AS pk, {uid} AS uid, {traits} AS traits, "
             f"{error} AS err FROM (SELECT to_jsonb(t) AS s FROM {table} t "
             f"WHERE t.{self.q(pk.column)} = "
-            f"ANY(owners::{pk.cast_db_type(self.connection)}[])) r),\n"
-            "    dg AS (SELECT cur.*, CASE WHEN cur.err IS NULL THEN md5(cur.traits::text) END "
-            "AS digest FROM cur),\n"
-            f"    e AS ({self._open_entries(label, 'identify', 'SELECT pk FROM cur')}),\n"
-            "    p AS (SELECT dg.*, e.id AS entry_id, COALESCE(e.message_id, "
-            "gen_random_uuid()::text) AS mid FROM dg "
-            "LEFT JOIN e ON e.source_pk = dg.pk WHERE CASE WHEN e.id IS NOT NULL "
+            f"ANY(owners::{pk.cast_db_type(self.connection)}[])) r)",
+            "dg AS (SELECT cur.*, CASE WHEN cur.err IS NULL THEN md5(cur.traits::text) END "
+            "AS digest FROM cur)",
+            f"e AS ({self._open_entries(label, 'identify', 'SELECT pk FROM cur')})",
+        ]
+        # The owners to identify: traits that cannot be sent, or that differ from this
+        # transaction's identify, or (without one) from the last identify recorded.
+        wanted = (
+            "FROM dg LEFT JOIN e ON e.source_pk = dg.pk WHERE CASE WHEN e.id IS NOT NULL "
             "THEN dg.digest IS NULL OR dg.digest IS DISTINCT FROM e.capture->>'digest' "
             f"ELSE dg.digest IS NULL OR {unchanged} OR dg.digest IS DISTINCT FROM "
-            f"(SELECT d.digest FROM {self.digests} d WHERE d.user_id = dg.uid) END),\n"
-            f"    m AS ({self._measured(identify_message('p.uid', 'p.traits'), 'p')}),\n"
-            f"    rewritten AS (UPDATE {self.message} t SET payload = {decided['payload']}, "
+            f"(SELECT d.digest FROM {self.digests} d WHERE d.user_id = dg.uid) END"
+        )
+        writes = [
+            "p AS (SELECT dg.*, e.id AS entry_id, COALESCE(e.message_id, "
+            f"gen_random_uuid()::text) AS mid {wanted})",
+            f"m AS ({self._measured(identify_message('p.uid', 'p.traits'), 'p')})",
+            f"rewritten AS (UPDATE {self.message} t SET payload = {decided['payload']}, "
             f"status = {decided['status']}, last_error = {decided['last_error']}, "
             "user_id = COALESCE(m.uid, ''), capture = jsonb_build_object('digest', m.digest) "
             "FROM m WHERE t.id = m.entry_id "
-            "RETURNING t.user_id, t.message_id, t.status, m.digest),\n"
-            f"    inserted AS ({self._insert_messages(values, new_rows)} "
-            f"RETURNING user_id, message_id, status, capture->>'digest' AS digest),\n"
-            "    written AS (SELECT * FROM rewritten UNION ALL SELECT * FROM inserted),\n"
-            f"    forgot AS (DELETE FROM {self.digests} d USING rewritten w "
+            "RETURNING t.user_id, t.message_id, t.status, m.digest)",
+            f"inserted AS ({self._insert_messages(values, new_rows)} "
+            "RETURNING user_id, message_id, status, capture->>'digest' AS digest)",
+            "written AS (SELECT * FROM rewritten UNION ALL SELECT * FROM inserted)",
+            f"forgot AS (DELETE FROM {self.digests} d USING rewritten w "
             "WHERE w.status <> 'pending' AND d.user_id = w.user_id "
-            "AND d.message_id = w.message_id)\n"
+            "AND d.message_id = w.message_id)",
+        ]
+        body = (
+            "    IF owners IS NULL OR cardinality(owners) = 0 THEN RETURN; END IF;\n"
+            "    x := pg_current_xact_id()::text::bigint;\n"
+            # Most changes leave the traits as they were: find that out with reads alone.
+            f"    IF NOT EXISTS (WITH {', '.join(reads)} SELECT 1 {wanted}) THEN RETURN; END IF;\n"
+            f"    stamp := {TIMESTAMP};\n"
+            "    WITH " + ",\n    ".join(reads + writes) + "\n"
             f"    INSERT INTO {self.digests} (user_id, digest, message_id, updated_at) "
             "SELECT w.user_id, w.digest, w.message_id, clock_timestamp() FROM written w "
             "WHERE w.status = 'pending' ON CONFLICT (user_id) DO UPDATE SET "
