@@ -37,7 +37,7 @@ from functools import partial
 from typing import Any
 
 from django.core.exceptions import FieldDoesNotExist
-from django.db import models, transaction
+from django.db import connections, models, transaction
 from django.utils import timezone
 
 from django_cdp import payloads
@@ -158,6 +158,59 @@ def _fetch(
     return rows, broken
 
 
+def _in_database(using: str) -> bool:
+    """Whether the database writes the identifies itself (:func:`_identify_in_database`).
+
+    On PostgreSQL, when every trait is a field or a path, and when nothing must run in
+    Python as each message is written: no ``ENRICH_MESSAGE`` hook (it may fail a message,
+    which the run reports), no ``block`` or ``raise`` validation (a blocked message is
+    reported too), no ``message_created`` receiver.
+    """
+    return (
+        owners.in_database(using)
+        and cdp_settings.ENRICH_MESSAGE is None
+        and cdp_settings.VALIDATION in ("off", "flag")
+        and not message_created.has_listeners(Message)
+    )
+
+
+def _backfill_sql(using: str, force: bool) -> str:
+    from django_cdp.capture.triggers import Generator
+
+    return Generator(connections[using]).backfill_sql(registry.identity, force=force)
+
+
+def _identify_in_database(
+    pks: list[Any],
+    using: str,
+    force: bool,
+    result: BackfillResult,
+    on_error: ErrorHandler | None,
+) -> None:
+    """One batch on PostgreSQL: one statement computes the traits and digests, writes the
+    identifies of the owners whose traits changed and records their digests, as the capture
+    triggers do (their Python part runs when delivery claims them)."""
+    from django_cdp.delivery import request_delivery
+
+    with transaction.atomic(using=using), connections[using].cursor() as cursor:
+        cursor.execute(_backfill_sql(using, force), [[str(pk) for pk in pks]])
+        rows = cursor.fetchall()
+        transaction.on_commit(lambda: request_delivery(using), using=using)
+    written = [row for row in rows if row[0] is not None]
+    found = rows[0][4]
+    result.gone += len(pks) - found
+    result.unchanged += found - len(written)
+    result.done += len(pks)
+    for status, reason, pk, payload, _ in written:
+        if status == Message.Status.PENDING:
+            result.queued += 1
+        else:
+            result.unsendable += 1
+            _error(result, on_error, pk, f"stored as {status}: {reason}", count=False)
+        if result.sample is None:
+            result.sample = payload
+
+
 def _read_identities(
     pks: list[Any], using: str, result: BackfillResult, on_error: ErrorHandler | None
 ) -> list[tuple[Any, models.Model | None, owners.Traits]]:
@@ -241,7 +294,13 @@ def backfill_identify(
     """
     identity = registry.identity
     result = BackfillResult("identify", total=total or 0)
+    in_sql = not dry_run and _in_database(using)
     for pks in _batches(queryset, batch_size):
+        if in_sql:
+            _identify_in_database(pks, using, force, result, on_error)
+            if on_progress is not None:
+                on_progress(result.done)
+            continue
         read = _read_identities(pks, using, result, on_error)
         rows: list[Message] = []
         digests: dict[str, tuple[str, str, str]] = {}

@@ -383,28 +383,81 @@ class Generator:
 
     # --- the identity ---------------------------------------------------------------------
 
-    def identify_sql(self, identity: IdentityConfig) -> str:
-        label = identity.model._meta.label_lower
+    def _traits_ctes(self, identity: IdentityConfig, owners: str) -> list[str]:
+        """``cur`` (each owner in the array ``owners``: pk, userId, traits and their error)
+        and ``dg`` (with the traits' digest)."""
         pk = identity.model._meta.pk
-        table = self.sql.table(identity.model)
         pk_s = self.sql.pk_text(identity.model, "r.s")
         _, uid = self.sql.identity_owner(identity, "r.s")
         traits, error = self.sql.traits(identity, "r.s")
-        unchanged = "TRUE" if cdp_settings.SEND_UNCHANGED_IDENTIFY else "FALSE"
-        new_rows = "(SELECT * FROM m WHERE m.entry_id IS NULL) m"
-        where = self.sql.describe(identity.model, "m.s")
-        minimal = identify_message("m.uid", EMPTY)
-        decided = self._decided(minimal, where)
-        values = self._row_values(
-            "identify", "''", label, "jsonb_build_object('digest', m.digest)", where, minimal
-        )
-        reads = [
+        return [
             f"cur AS (SELECT r.s, {pk_s} AS pk, {uid} AS uid, {traits} AS traits, "
-            f"{error} AS err FROM (SELECT to_jsonb(t) AS s FROM {table} t "
+            f"{error} AS err FROM (SELECT to_jsonb(t) AS s FROM {self.sql.table(identity.model)} t "
             f"WHERE t.{self.q(pk.column)} = "
-            f"ANY(owners::{pk.cast_db_type(self.connection)}[])) r)",
+            f"ANY({owners}::{pk.cast_db_type(self.connection)}[])) r)",
             "dg AS (SELECT cur.*, CASE WHEN cur.err IS NULL THEN md5(cur.traits::text) END "
             "AS digest FROM cur)",
+        ]
+
+    def _identify_rows(self, identity: IdentityConfig) -> tuple[dict[str, str], dict[str, str]]:
+        """Column values of an identify row built in ``m``, and its status/reason/payload."""
+        where = self.sql.describe(identity.model, "m.s")
+        minimal = identify_message("m.uid", EMPTY)
+        values = self._row_values(
+            "identify",
+            "''",
+            identity.model._meta.label_lower,
+            "jsonb_build_object('digest', m.digest)",
+            where,
+            minimal,
+        )
+        return values, self._decided(minimal, where)
+
+    def backfill_sql(self, identity: IdentityConfig, *, force: bool) -> str:
+        """One statement that identifies a batch of owners (``%s``: an array of pk texts) whose
+        traits differ from the last recorded (all of them with ``force``), as the identify
+        function does: messages and digests written in the database, without a round trip per
+        owner. Returns each written row's status, reason, pk and payload, with the number of
+        owners found (one row of NULLs and that number when nothing was written).
+
+        The rows carry the transaction's id, so delivery runs their Python part (the
+        enrichment hook, validation, ``message_created``) when it claims them.
+        """
+        values, _ = self._identify_rows(identity)
+        changed = (
+            "TRUE"
+            if force
+            else f"dg.digest IS NULL OR dg.digest IS DISTINCT FROM "
+            f"(SELECT d.digest FROM {self.digests} d WHERE d.user_id = dg.uid)"
+        )
+        ctes = [
+            f"v AS (SELECT pg_current_xact_id()::text::bigint AS x, {TIMESTAMP} AS stamp)",
+            *self._traits_ctes(identity, "%s"),
+            "p AS (SELECT dg.*, gen_random_uuid()::text AS mid, v.x, v.stamp FROM dg, v "
+            f"WHERE {changed})",
+            f"m AS ({self._measured(identify_message('p.uid', 'p.traits'), 'p')})",
+            f"inserted AS ({self._insert_messages(values, 'm')} "
+            "RETURNING user_id, message_id, status, last_error, source_pk, payload, "
+            "capture->>'digest' AS digest)",
+            f"recorded AS (INSERT INTO {self.digests} (user_id, digest, message_id, updated_at) "
+            "SELECT i.user_id, i.digest, i.message_id, clock_timestamp() FROM inserted i "
+            "WHERE i.status = 'pending' ON CONFLICT (user_id) DO UPDATE SET "
+            "digest = EXCLUDED.digest, message_id = EXCLUDED.message_id, "
+            "updated_at = EXCLUDED.updated_at)",
+        ]
+        return (
+            "WITH " + ",\n".join(ctes) + "\n"
+            "SELECT i.status, i.last_error, i.source_pk, i.payload, f.found "
+            "FROM (SELECT count(*) AS found FROM cur) f LEFT JOIN inserted i ON TRUE"
+        )
+
+    def identify_sql(self, identity: IdentityConfig) -> str:
+        label = identity.model._meta.label_lower
+        unchanged = "TRUE" if cdp_settings.SEND_UNCHANGED_IDENTIFY else "FALSE"
+        new_rows = "(SELECT * FROM m WHERE m.entry_id IS NULL) m"
+        values, decided = self._identify_rows(identity)
+        reads = [
+            *self._traits_ctes(identity, "owners"),
             f"e AS ({self._open_entries(label, 'identify', 'SELECT pk FROM cur')})",
         ]
         # The owners to identify: traits that cannot be sent, or that differ from this
