@@ -1,11 +1,14 @@
-"""Recording changes in the outbox, in the transaction of the change they describe.
+"""The signal engine: Django's model signals record changes in the outbox, in their transaction.
 
+It captures the models the trigger engine does not (:mod:`django_cdp.capture.engines`):
+on every database but PostgreSQL, and there the models whose mapping needs Python.
 Every recording runs in two phases, so that our code cannot cost the user a write:
 
 1. **Build.** Everything that is Python and may fail on the user's data runs
    first, outside any atomic block of ours: reading the values, converting
    them, resolving the owner, reading the owner's traits, the enrichment
-   hook, validation, encoding and the size limit (:func:`django_cdp.rows.build_row`).
+   hook, validation, encoding and the size limit
+   (:func:`django_cdp.capture.rows.build_row`).
    A message that cannot be built becomes a ``failed`` row with its reason.
 2. **Write.** Then only complete statements on outbox rows run: INSERTs, the
    UPDATE or DELETE of a row this transaction wrote earlier, and the traits
