@@ -41,6 +41,9 @@ from celery import Task, shared_task
 
 from django_cdp.settings import cdp_settings
 
+#: The name of the delivery task (kicks and sweeps).
+DELIVER_TASK = "django_cdp.tasks.deliver"
+
 #: Seconds between sweeps.
 SWEEP_INTERVAL = 30.0
 
@@ -51,7 +54,7 @@ PURGE_INTERVAL = 24 * 3600.0
 #: while no worker runs; the next one does the same work.
 BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     "django-cdp-sweep": {
-        "task": "django_cdp.tasks.deliver",
+        "task": DELIVER_TASK,
         "schedule": SWEEP_INTERVAL,
         "options": {"expires": SWEEP_INTERVAL - 5},
     },
@@ -73,7 +76,7 @@ class DeliverTask(Task):
         return super().apply_async(args, kwargs, **options)
 
 
-@shared_task(name="django_cdp.tasks.deliver", base=DeliverTask, ignore_result=True)
+@shared_task(name=DELIVER_TASK, base=DeliverTask, ignore_result=True)
 def deliver(using: str = "default") -> dict[str, int]:
     """Drain the outbox of database ``using`` for at most ``DELIVERY_TIME_BUDGET`` seconds.
 
