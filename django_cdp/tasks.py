@@ -31,6 +31,9 @@ which is::
 
 ``purge`` deletes sent and skipped messages older than ``RETENTION_DAYS`` once
 a day (see :mod:`django_cdp.retention`).
+
+Workers should also take :data:`WORKER_SETTINGS` (``app.conf.update(WORKER_SETTINGS)``), so
+that delivery resumes within seconds when the broker comes back from an outage.
 """
 
 from __future__ import annotations
@@ -63,6 +66,17 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "schedule": PURGE_INTERVAL,
         "options": {"expires": 3600.0},
     },
+}
+
+
+#: Celery settings for the project's workers, for ``app.conf.update(WORKER_SETTINGS)`` after
+#: ``config_from_object``: a consumer that reconnects to a lost broker at least every 2 s and
+#: queues a sweep on each (re)connection (see :mod:`django_cdp.worker`), and no limit on
+#: reconnection attempts (Celery's default, 100, would end the worker after about 3 minutes
+#: of outage at that pace).
+WORKER_SETTINGS: dict[str, Any] = {
+    "worker_consumer": "django_cdp.worker:Consumer",
+    "broker_connection_max_retries": None,
 }
 
 
