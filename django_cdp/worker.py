@@ -51,6 +51,7 @@ class Consumer(CeleryConsumer):
         conn = super().connect()
         try:
             self.app.tasks[DELIVER_TASK].apply_async(**BEAT_SCHEDULE["django-cdp-sweep"]["options"])
+            logger.info("django-cdp: connected to the broker; queued a sweep of the outbox")
         except Exception as exc:  # the consumer must start anyway; beat's sweep follows
             logger.warning(
                 "django-cdp: could not queue a sweep after connecting to the broker (%s: %s)",

@@ -126,11 +126,16 @@ DJANGO_CDP = {
     },
 }
 
+# django-cdp's lines reach the console through the root logger's handler, the only one they
+# pass: a Celery worker replaces that handler with its own (worker_hijack_root_logger), so
+# each line is printed once there too, in the worker's format. A handler on the "django_cdp"
+# logger itself would print every line a second time in a worker.
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
-        "django_cdp": {"handlers": ["console"], "level": env("CDP_LOG_LEVEL", default="INFO")},
+        "django_cdp": {"level": env("CDP_LOG_LEVEL", default="INFO")},
     },
 }
