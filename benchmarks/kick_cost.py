@@ -57,7 +57,7 @@ def run_cell(broker: str, debounce: float, calls: int) -> list[float]:
 
     app = Celery("cdp_kick_bench", broker=broker, set_as_current=False)
     app.set_current()
-    kick._new_publisher_after_fork()  # a fresh publisher: no debounce state, no connection
+    kick._publisher = kick.Publisher()  # fresh: no debounce state, no connection
     # Set directly: override_settings(DJANGO_CDP=...) would re-install capture triggers.
     settings.DJANGO_CDP = {**settings.DJANGO_CDP, "KICK_DEBOUNCE_SECONDS": debounce}
     cdp_settings.reload()

@@ -70,6 +70,12 @@ DATABASES = {
 }
 # Each request is one transaction: a change and its outbox message commit together.
 DATABASES["default"]["ATOMIC_REQUESTS"] = True
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    # A worker draining the outbox writes while commands and requests write: with SQLite's
+    # default (deferred) transactions, one that reads and then writes fails at once with
+    # "database is locked" instead of waiting for the other writer. IMMEDIATE takes the write
+    # lock at BEGIN, where the busy timeout applies.
+    DATABASES["default"]["OPTIONS"] = {"transaction_mode": "IMMEDIATE", "timeout": 20}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 USE_TZ = True
