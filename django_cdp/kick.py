@@ -5,7 +5,7 @@ callback), so it must cost that thread nothing and never fail it. It only
 decides *when* a run is due (debounced per alias, see :func:`_next_kick`),
 notes it in a small table and wakes this process's publisher thread; the
 publisher does the broker I/O over one kept connection. Publishing in the
-request thread cost a new broker connection per publish (5-13 ms), and a
+request thread cost a new broker connection per publish (5-7 ms p50), and a
 stopped broker cost every request a refused connection.
 
 The kick is an optimisation: the messages are already safe in the outbox, and
