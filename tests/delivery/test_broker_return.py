@@ -83,7 +83,7 @@ def kicks_to(own_redis, monkeypatch, configure, queue_name) -> Iterator[None]:
     monkeypatch.setattr(kick, "_publisher", kick.Publisher())
     configure(DELIVERY="celery", QUEUE=queue_name, KICK_DEBOUNCE_SECONDS=0.0)
     previous = current_app._get_current_object()
-    Celery("broker-return", broker=own_redis.url, imports=("django_cdp.tasks",)).set_current()
+    Celery("broker-return", broker=own_redis.url).set_current()  # shared_task: deliver is in it
     yield
     previous.set_current()
 
