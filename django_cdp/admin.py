@@ -58,12 +58,10 @@ ATTEMPTS_LIMIT = 50
 
 
 def _request_delivery() -> Any:
-    """``django_cdp.delivery.request_delivery`` when delivery provides it, else None."""
-    try:
-        from django_cdp import delivery
-    except ImportError:
-        return None
-    return getattr(delivery, "request_delivery", None)
+    """``django_cdp.kick.request_delivery``, imported on use so that the admin loads no Celery."""
+    from django_cdp.kick import request_delivery
+
+    return request_delivery
 
 
 class CappedCountPaginator(Paginator):
@@ -214,8 +212,7 @@ class MessageAdmin(admin.ModelAdmin):
         )
         if n:
             request_delivery = _request_delivery()
-            if request_delivery is not None:
-                transaction.on_commit(lambda: request_delivery(using), using=using)
+            transaction.on_commit(lambda: request_delivery(using), using=using)
             self.message_user(request, f"Requeued {n} failed message(s).", messages.SUCCESS)
         else:
             self.message_user(

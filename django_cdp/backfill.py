@@ -261,7 +261,7 @@ def _describe(exc: BaseException) -> str:
 
 def _write(rows: list[Message], digests: list[tuple[str, str, str]], using: str) -> None:
     """One batch in one transaction: the messages, their digests, and the delivery kick."""
-    from django_cdp.delivery import request_delivery
+    from django_cdp.kick import request_delivery
 
     with transaction.atomic(using=using):
         Message.objects.using(using).bulk_create(rows)

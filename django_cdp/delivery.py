@@ -26,11 +26,6 @@ spent:
 
 All times come from the database clock (``Now()``), so workers on hosts with
 skewed clocks agree on what is due.
-
-:func:`request_delivery` is the *kick*: called after a transaction that wrote
-messages commits, it publishes one ``deliver`` task (debounced). It is an
-optimisation only; the periodic sweep (the same task on a beat schedule) is
-what guarantees delivery when a kick is lost.
 """
 
 from __future__ import annotations
@@ -41,7 +36,6 @@ import os
 import random
 import secrets
 import socket
-import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -651,89 +645,3 @@ def drain(
         if time_budget is not None and time.monotonic() - started >= time_budget:
             break
     return run.result
-
-
-# The kick.
-
-KICK_CONNECT_TIMEOUT = 1.0
-#: A kick not picked up within this many seconds is dropped by the broker; the sweep covers it.
-KICK_EXPIRES = 300
-_kick_lock = threading.Lock()
-#: alias -> (monotonic time the last published run is due, earliest time of the next one)
-_kick_state: dict[str, tuple[float, float]] = {}
-
-
-def _reset_kick_state_after_fork() -> None:
-    global _kick_lock
-    _kick_lock = threading.Lock()
-    _kick_state.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_kick_state_after_fork)
-
-
-def _next_kick(using: str, now: float, debounce: float) -> float | None:
-    """Countdown for a new run, or ``None`` when an unstarted run already covers this commit.
-
-    At most one run per ``debounce`` seconds per alias is published, and every
-    commit is followed by a run that starts after it: a commit during a
-    run's wait joins that run; a later one schedules the next slot.
-    """
-    with _kick_lock:
-        due, next_slot = _kick_state.get(using, (float("-inf"), float("-inf")))
-        if due > now:
-            return None
-        at = max(now, next_slot)
-        _kick_state[using] = (at, at + debounce)
-        return at - now
-
-
-def request_delivery(using: str = "default") -> None:
-    """Ask a Celery worker to deliver soon; called after a commit that wrote messages.
-
-    Never raises and never blocks for long: it publishes without retries over a
-    connection with a short timeout, and only logs a warning when the broker is
-    unreachable, because the messages are safe in the outbox and the periodic
-    sweep delivers them. Does nothing unless ``DELIVERY == "celery"``.
-    """
-    now = time.monotonic()
-    debounce = 1.0
-    try:
-        if cdp_settings.DELIVERY != "celery":
-            return
-        debounce = float(cdp_settings.KICK_DEBOUNCE_SECONDS)
-        countdown = _next_kick(using, now, debounce)
-        if countdown is None:
-            return
-        from django_cdp.tasks import deliver
-
-        _publish(deliver, using, countdown)
-    except Exception as exc:
-        # At most one attempt per debounce period while the broker is unreachable,
-        # so that a broker that drops packets (1 s timeout) cannot slow every request.
-        with _kick_lock:
-            _kick_state[using] = (now + debounce, now + debounce)
-        logger.warning(
-            "django-cdp: could not ask a worker to deliver (%s: %s); the periodic sweep "
-            "will deliver the messages",
-            type(exc).__name__,
-            exc,
-        )
-
-
-def _publish(task: Any, using: str, countdown: float) -> None:
-    transport_options: dict[str, Any] = {"max_retries": 0}
-    conn = task.app.connection_for_write(connect_timeout=KICK_CONNECT_TIMEOUT)
-    try:
-        if conn.transport.driver_type == "redis":
-            transport_options.update(
-                socket_timeout=KICK_CONNECT_TIMEOUT, socket_connect_timeout=KICK_CONNECT_TIMEOUT
-            )
-        conn.transport_options = {**conn.transport_options, **transport_options}
-        options: dict[str, Any] = {"retry": False, "connection": conn, "expires": KICK_EXPIRES}
-        if countdown > 0.001:
-            options["countdown"] = countdown
-        task.apply_async(kwargs={"using": using}, **options)
-    finally:
-        conn.release()

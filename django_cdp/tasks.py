@@ -31,6 +31,9 @@ which is::
 
 ``purge`` deletes sent and skipped messages older than ``RETENTION_DAYS`` once
 a day (see :mod:`django_cdp.retention`).
+
+Workers should also take :data:`WORKER_SETTINGS` (``app.conf.update(WORKER_SETTINGS)``), so
+that delivery resumes within seconds when the broker comes back from an outage.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ from typing import Any
 from celery import Task, shared_task
 
 from django_cdp.settings import cdp_settings
+
+#: The name of the delivery task (kicks and sweeps).
+DELIVER_TASK = "django_cdp.tasks.deliver"
 
 #: Seconds between sweeps.
 SWEEP_INTERVAL = 30.0
@@ -51,7 +57,7 @@ PURGE_INTERVAL = 24 * 3600.0
 #: while no worker runs; the next one does the same work.
 BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     "django-cdp-sweep": {
-        "task": "django_cdp.tasks.deliver",
+        "task": DELIVER_TASK,
         "schedule": SWEEP_INTERVAL,
         "options": {"expires": SWEEP_INTERVAL - 5},
     },
@@ -60,6 +66,17 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "schedule": PURGE_INTERVAL,
         "options": {"expires": 3600.0},
     },
+}
+
+
+#: Celery settings for the project's workers, for ``app.conf.update(WORKER_SETTINGS)`` after
+#: ``config_from_object``: a consumer that reconnects to a lost broker at least every 2 s and
+#: queues a sweep on each (re)connection (see :mod:`django_cdp.worker`), and no limit on
+#: reconnection attempts (Celery's default, 100, would end the worker after about 3 minutes
+#: of outage at that pace).
+WORKER_SETTINGS: dict[str, Any] = {
+    "worker_consumer": "django_cdp.worker:Consumer",
+    "broker_connection_max_retries": None,
 }
 
 
@@ -73,7 +90,7 @@ class DeliverTask(Task):
         return super().apply_async(args, kwargs, **options)
 
 
-@shared_task(name="django_cdp.tasks.deliver", base=DeliverTask, ignore_result=True)
+@shared_task(name=DELIVER_TASK, base=DeliverTask, ignore_result=True)
 def deliver(using: str = "default") -> dict[str, int]:
     """Drain the outbox of database ``using`` for at most ``DELIVERY_TIME_BUDGET`` seconds.
 

@@ -70,6 +70,12 @@ DATABASES = {
 }
 # Each request is one transaction: a change and its outbox message commit together.
 DATABASES["default"]["ATOMIC_REQUESTS"] = True
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    # A worker draining the outbox writes while commands and requests write: with SQLite's
+    # default (deferred) transactions, one that reads and then writes fails at once with
+    # "database is locked" instead of waiting for the other writer. IMMEDIATE takes the write
+    # lock at BEGIN, where the busy timeout applies.
+    DATABASES["default"]["OPTIONS"] = {"transaction_mode": "IMMEDIATE", "timeout": 20}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 USE_TZ = True
@@ -126,11 +132,16 @@ DJANGO_CDP = {
     },
 }
 
+# django-cdp's lines reach the console through the root logger's handler, the only one they
+# pass: a Celery worker replaces that handler with its own (worker_hijack_root_logger), so
+# each line is printed once there too, in the worker's format. A handler on the "django_cdp"
+# logger itself would print every line a second time in a worker.
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
-        "django_cdp": {"handlers": ["console"], "level": env("CDP_LOG_LEVEL", default="INFO")},
+        "django_cdp": {"level": env("CDP_LOG_LEVEL", default="INFO")},
     },
 }

@@ -189,6 +189,6 @@ def discard(tx: Transaction, entry: Entry) -> None:
 
 def kick(using: str) -> None:
     """Ask for delivery of what was just committed (never raises)."""
-    from django_cdp.delivery import request_delivery
+    from django_cdp.kick import request_delivery
 
     request_delivery(using)

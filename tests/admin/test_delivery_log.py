@@ -239,7 +239,7 @@ def test_requeue_resets_failed_messages_and_kicks_delivery(
     operator_client, monkeypatch, django_capture_on_commit_callbacks
 ):
     kicked = []
-    monkeypatch.setattr("django_cdp.delivery.request_delivery", kicked.append)
+    monkeypatch.setattr("django_cdp.kick.request_delivery", kicked.append)
     failed = create_message(
         status=Message.Status.FAILED,
         attempts=10,

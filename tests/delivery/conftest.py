@@ -257,7 +257,13 @@ def start_worker(
     """Start real worker processes on this test's database, queue and data plane."""
     workers: list[Worker] = []
 
-    def start(cdp: dict[str, Any], *, sweep: float = 0.0, name: str | None = None) -> Worker:
+    def start(
+        cdp: dict[str, Any],
+        *,
+        sweep: float = 0.0,
+        name: str | None = None,
+        app: str = "tests.delivery.celery_app",
+    ) -> Worker:
         name = name or f"w{len(workers) + 1}"
         db = connections["default"].settings_dict
         env = {
@@ -275,7 +281,7 @@ def start_worker(
             "-m",
             "celery",
             "-A",
-            "tests.delivery.celery_app",
+            app,
             "worker",
             "-P",
             "solo",
