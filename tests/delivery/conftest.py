@@ -33,24 +33,6 @@ from django_cdp.models import Message
 REPO = Path(__file__).resolve().parents[2]
 WRITE_KEY = "test-write-key"
 BROKER_URL = os.environ.get("CDP_TEST_BROKER_URL", "redis://127.0.0.1:6379/15")
-REDIS_START = [
-    "redis-server",
-    "--daemonize",
-    "yes",
-    "--bind",
-    "127.0.0.1",
-    "-::1",
-    "--port",
-    "6379",
-    "--save",
-    "",
-    "--appendonly",
-    "no",
-    "--dir",
-    "/var/lib/redis",
-    "--logfile",
-    "/var/log/redis/ci.log",
-]
 
 
 def _use_sqlite_file() -> None:
@@ -200,17 +182,6 @@ def redis_broker() -> str:
     return BROKER_URL
 
 
-def start_redis() -> None:
-    subprocess.run(REDIS_START, check=True, capture_output=True, timeout=10)
-    if not wait_until(redis_answers, 10):
-        raise RuntimeError("redis-server did not come back")
-
-
-def stop_redis() -> None:
-    subprocess.run(["redis-cli", "shutdown", "nosave"], capture_output=True, timeout=10)
-    wait_until(lambda: not redis_answers(), 5)
-
-
 class Worker:
     """A ``celery worker`` subprocess (with embedded beat when ``sweep`` is set)."""
 
@@ -311,14 +282,6 @@ def start_worker(
     yield start
     for worker in workers:
         worker.kill()
-
-
-@pytest.fixture
-def redis_restarter(redis_broker) -> Iterator[None]:
-    """Make sure Redis runs again after a test that stops it, whatever happens."""
-    yield
-    if not redis_answers():
-        start_redis()
 
 
 @pytest.fixture

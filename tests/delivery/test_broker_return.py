@@ -9,14 +9,17 @@ test takes about 20 s.
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from celery import Celery, current_app
+from django.db import transaction
 
 from django_cdp import kick
 from tests.delivery.conftest import cdp_config, make_messages, statuses, wait_until
@@ -116,3 +119,26 @@ def test_delivery_resumes_within_seconds_of_the_broker_return(
     assert wait_until(lambda: statuses() == {"sent": 4}, 30), statuses()
     resumed = time.monotonic() - back
     assert resumed < RESUME_WITHIN_SECONDS, f"delivery resumed {resumed:.1f} s after Redis"
+
+
+def test_a_save_with_the_broker_down_costs_nothing_and_is_delivered_after_its_return(
+    start_worker, data_plane, own_redis, kicks_to, caplog
+):
+    from example_project.payouts.models import Payout
+    from example_project.shops.models import Shop
+
+    start_worker(worker_cdp(data_plane), app=RECOMMENDED_APP)
+    shop = Shop.objects.create(domain="redis-down.example", email="m@example.com")
+    kick.request_delivery("default")
+    assert wait_until(lambda: statuses() == {"sent": 2}, 15), statuses()  # track, identify
+    own_redis.stop()
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, "django_cdp.kick"), transaction.atomic():
+        # The tracking core writes the message and kicks delivery after the commit.
+        Payout.objects.create(shop=shop, amount=Decimal("12.50"), currency="EUR")
+    elapsed = time.monotonic() - started
+    # Logged by the publisher thread, which keeps the kick until the broker is back.
+    assert wait_until(lambda: "could not ask a worker to deliver" in caplog.text, 5)
+    own_redis.start()
+    assert elapsed < 1.5, f"the save took {elapsed:.2f}s with the broker down"
+    assert wait_until(lambda: statuses() == {"sent": 3}, 30), statuses()
