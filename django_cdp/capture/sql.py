@@ -42,14 +42,27 @@ from django_cdp.registry import IdentityConfig, ModelConfig, Source
 #: Dollar-quote tag of every generated function body.
 BODY_TAG = "$django_cdp$"
 
-#: Settings a generated function runs with: UTC rendering of times; no search_path surprises
-#: (the functions run as their owner: docs/triggers.md, "Privileges"); and one generic plan
+#: Settings a generated function runs with: UTC rendering of times, and one generic plan
 #: per statement, planned once per connection (a custom plan per call would re-plan these
-#: large statements on every write).
-FUNCTION_OPTIONS = (
-    "SET TimeZone = 'UTC' SET search_path = pg_catalog, public, pg_temp "
-    "SET plan_cache_mode = force_generic_plan"
-)
+#: large statements on every write). The search_path is added per database
+#: (:func:`function_options`).
+FUNCTION_OPTIONS = "SET TimeZone = 'UTC' SET plan_cache_mode = force_generic_plan"
+
+
+def function_options(connection: BaseDatabaseWrapper) -> str:
+    """:data:`FUNCTION_OPTIONS` with the connection's schemas as a fixed search_path.
+
+    The functions run as their owner (``SECURITY DEFINER``), so they must not look up
+    names where the writing role could put its own (``pg_temp`` last, as PostgreSQL's docs
+    advise); and they must find the tables where the application's connection finds them,
+    which may be a schema other than ``public``.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT current_schemas(false)")
+        schemas = cursor.fetchone()[0]
+    path = ", ".join(connection.ops.quote_name(s) for s in [*schemas, "pg_temp"])
+    return f"{FUNCTION_OPTIONS} SET search_path = {path}"
+
 
 #: The transaction-local setting ``tracking_disabled()`` sets for the triggers.
 OFF_SETTING = "django_cdp.off"

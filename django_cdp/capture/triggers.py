@@ -51,10 +51,10 @@ from django.dispatch import receiver
 from django_cdp.capture import engines
 from django_cdp.capture.sql import (
     BODY_TAG,
-    FUNCTION_OPTIONS,
     OFF_SETTING,
     TIMESTAMP,
     Builder,
+    function_options,
     identify_message,
     literal,
     outcome,
@@ -131,6 +131,7 @@ class Generator:
         self.message = self.q(Message._meta.db_table)
         self.digests = self.q(TraitsDigest._meta.db_table)
         self.limit = cdp_settings.MAX_MESSAGE_BYTES
+        self.options = function_options(connection)
 
     # --- shared pieces --------------------------------------------------------------------
 
@@ -190,7 +191,7 @@ class Generator:
         arguments = "owners text[]" if returns == "void" else ""
         return (
             f"CREATE OR REPLACE FUNCTION {self.q(name)}({arguments}) RETURNS {returns} "
-            f"LANGUAGE plpgsql SECURITY DEFINER {FUNCTION_OPTIONS} AS {BODY_TAG}\n"
+            f"LANGUAGE plpgsql SECURITY DEFINER {self.options} AS {BODY_TAG}\n"
             f"DECLARE\n    x bigint;\n    stamp text;\n{declare}BEGIN\n{body}\nEND\n{BODY_TAG};"
         )
 
