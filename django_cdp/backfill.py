@@ -43,6 +43,7 @@ from django.utils import timezone
 from django_cdp import payloads
 from django_cdp.capture import owners
 from django_cdp.capture.rows import build_row
+from django_cdp.kick import request_delivery
 from django_cdp.models import Message, TraitsDigest
 from django_cdp.registry import CREATED, ModelConfig, registry
 from django_cdp.settings import cdp_settings
@@ -181,19 +182,17 @@ def _backfill_sql(using: str, force: bool) -> str:
 
 
 def _identify_in_database(
+    statement: str,
     pks: list[Any],
     using: str,
-    force: bool,
     result: BackfillResult,
     on_error: ErrorHandler | None,
 ) -> None:
     """One batch on PostgreSQL: one statement computes the traits and digests, writes the
     identifies of the owners whose traits changed and records their digests, as the capture
     triggers do (their Python part runs when delivery claims them)."""
-    from django_cdp.delivery import request_delivery
-
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
-        cursor.execute(_backfill_sql(using, force), [[str(pk) for pk in pks]])
+        cursor.execute(statement, [[str(pk) for pk in pks]])
         rows = cursor.fetchall()
         transaction.on_commit(lambda: request_delivery(using), using=using)
     written = [row for row in rows if row[0] is not None]
@@ -261,8 +260,6 @@ def _describe(exc: BaseException) -> str:
 
 def _write(rows: list[Message], digests: list[tuple[str, str, str]], using: str) -> None:
     """One batch in one transaction: the messages, their digests, and the delivery kick."""
-    from django_cdp.kick import request_delivery
-
     with transaction.atomic(using=using):
         Message.objects.using(using).bulk_create(rows)
         TraitsDigest.objects.using(using).upsert(digests)
@@ -294,10 +291,11 @@ def backfill_identify(
     """
     identity = registry.identity
     result = BackfillResult("identify", total=total or 0)
-    in_sql = not dry_run and _in_database(using)
+    # On PostgreSQL one statement per batch, written once for the run.
+    statement = _backfill_sql(using, force) if not dry_run and _in_database(using) else None
     for pks in _batches(queryset, batch_size):
-        if in_sql:
-            _identify_in_database(pks, using, force, result, on_error)
+        if statement is not None:
+            _identify_in_database(statement, pks, using, result, on_error)
             if on_progress is not None:
                 on_progress(result.done)
             continue
