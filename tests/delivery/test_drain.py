@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from django_cdp import delivery, transport
 from django_cdp.delivery import claim, drain
-from django_cdp.models import Message, TraitsDigest
+from django_cdp.models import DeliveryEndpoint, Message, TraitsDigest
 from django_cdp.signals import message_failed, message_sent
 from tests.delivery.conftest import make_messages, statuses
 
@@ -206,7 +206,13 @@ def test_server_errors_back_off_and_stop_the_drain(configure, data_plane):
     assert retried.count() == 5
     assert all(m.next_attempt_at > timezone.now() + timedelta(seconds=20) for m in retried)
     assert {m.last_response_code for m in retried} == {503}
-    assert drain().sent == 15  # the others were never claimed, so still due
+    # The others were never claimed, so still due, but the data plane backs off first...
+    assert drain().waiting == 1
+    DeliveryEndpoint.objects.update(next_try_at=timezone.now())
+    # ...then one probe, of rows never tried, and, answered, the rest.
+    result = drain()
+    assert (result.sent, result.requests) == (15, 3)
+    assert not {m.message_id for m in retried} & set(data_plane.requests[1].message_ids)
 
 
 def test_out_of_attempts_dead_letters_and_forgets_the_traits(configure, data_plane):
