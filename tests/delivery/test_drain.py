@@ -208,7 +208,7 @@ def test_server_errors_back_off_and_stop_the_drain(configure, data_plane):
     assert {m.last_response_code for m in retried} == {503}
     # The others were never claimed, so still due, but the data plane backs off first...
     assert drain().waiting == 1
-    DeliveryEndpoint.objects.update(next_try_at=timezone.now())
+    DeliveryEndpoint.objects.update(next_try_at=timezone.now() - timedelta(seconds=1))
     # ...then one probe, of rows never tried, and, answered, the rest.
     result = drain()
     assert (result.sent, result.requests) == (15, 3)
