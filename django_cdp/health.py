@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 from typing import Any
 
 from django.db.models import Count, Min, Q
 from django.db.models.functions import Substr, TruncHour
 from django.utils import timezone
 
-from django_cdp.models import Message
+from django_cdp.models import DeliveryCount, DeliveryEndpoint, Message, count_hour
 from django_cdp.settings import cdp_settings
 
 #: Oldest pending message older than this: delivery is stuck (banner and default threshold).
@@ -35,7 +36,7 @@ WINDOWS: tuple[tuple[str, timedelta], ...] = (
     ("day", timedelta(days=1)),
     ("week", timedelta(days=7)),
 )
-CHART_STATUSES = ("sent", "pending", "failed", "blocked", "skipped")
+CHART_STATUSES = ("sent", "pending", "failed", "blocked", "skipped", "superseded")
 
 
 def mask_secrets(text: str) -> str:
@@ -117,6 +118,27 @@ def delivery_status(
     )
 
 
+def data_plane_outage(using: str = "default") -> str | None:
+    """Why the data plane counts as failing, or ``None``: stuck at once, like a wrong key.
+
+    Read from the row delivery keeps per data plane (one query by primary key).
+    """
+    outage = (
+        DeliveryEndpoint.objects.using(using)
+        .filter(url=cdp_settings.DATA_PLANE_URL or "", failures__gt=0)
+        .values_list("failing_since", "failures", "last_error")
+        .first()
+    )
+    if outage is None:
+        return None
+    since, failures, last_error = outage
+    return (
+        f"the data plane has failed since {timezone.localtime(since):%Y-%m-%d %H:%M:%S %Z}"
+        f" ({failures} failed request(s) in a row, last: {mask_secrets(last_error)[:200]}); "
+        "delivery backs off and probes it"
+    )
+
+
 def _fmt_age(age: timedelta) -> str:
     seconds = int(age.total_seconds())
     if seconds < 120:
@@ -135,21 +157,59 @@ def _percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[rank]
 
 
+#: The columns of the window table, in order.
+WINDOW_COLUMNS = ("written", "sent", "pending", "failed", "superseded")
+#: Statuses counted from the messages themselves, each query on a partial index.
+_ROW_COUNTED = ((Message.Status.PENDING,), (Message.Status.FAILED, Message.Status.BLOCKED))
+
+
+def _per_hour(using: str, since: datetime) -> dict[datetime, dict[str, int]]:
+    """Messages written since ``since`` per UTC hour and status, without reading a week of rows.
+
+    Sent, skipped and superseded come from the hourly counters delivery keeps
+    (:class:`~django_cdp.models.DeliveryCount`); pending, failed and blocked from
+    the messages, through the partial indexes that hold only those statuses.
+    """
+    hours: dict[datetime, dict[str, int]] = {}
+    counters = DeliveryCount.objects.using(using).filter(hour__gte=since)
+    for hour, status, n in counters.values_list("hour", "status", "n"):
+        hours.setdefault(count_hour(hour), {})[status] = n
+    for statuses in _ROW_COUNTED:
+        rows = (
+            Message.objects.using(using)
+            .filter(status__in=statuses, created_at__gte=since)
+            .annotate(hour=TruncHour("created_at", tzinfo=dt_timezone.utc))
+            .values("hour", "status")
+            .annotate(n=Count("id"))
+            .order_by()
+        )
+        for r in rows:
+            bucket = hours.setdefault(count_hour(r["hour"]), {})
+            bucket[r["status"]] = bucket.get(r["status"], 0) + r["n"]
+    return hours
+
+
 def window_counts(using: str = "default", now: datetime | None = None) -> dict[str, dict]:
-    """Written/sent/pending/failed per window, in one query bounded by the widest window."""
+    """Written/sent/pending/failed/superseded per window, read from hourly buckets.
+
+    A window starts at the top of the hour its span reaches back to (the "hour"
+    window holds the current and the previous clock hour's messages, at most).
+    """
     now = now or timezone.now()
-    aggregates: dict[str, Any] = {}
-    for name, span in WINDOWS:
-        since = Q(created_at__gte=now - span)
-        aggregates[f"{name}_written"] = Count("id", filter=since)
-        for status in ("sent", "pending", "failed"):
-            aggregates[f"{name}_{status}"] = Count("id", filter=since & Q(status=status))
     widest = max(span for _, span in WINDOWS)
-    row = Message.objects.using(using).filter(created_at__gte=now - widest).aggregate(**aggregates)
-    return {
-        name: {k: row[f"{name}_{k}"] for k in ("written", "sent", "pending", "failed")}
-        for name, _ in WINDOWS
-    }
+    hours = _per_hour(using, count_hour(now - widest))
+    out = {}
+    for name, span in WINDOWS:
+        since = count_hour(now - span)
+        totals: dict[str, int] = {}
+        for hour, counts in hours.items():
+            if hour >= since:
+                for status, n in counts.items():
+                    totals[status] = totals.get(status, 0) + n
+        row = {column: totals.get(column, 0) for column in WINDOW_COLUMNS}
+        row["written"] = sum(totals.values())
+        out[name] = row
+    return out
 
 
 def delays(using: str = "default", now: datetime | None = None) -> dict[str, float | None]:
@@ -168,11 +228,13 @@ def delays(using: str = "default", now: datetime | None = None) -> dict[str, flo
 def top_errors(using: str = "default", now: datetime | None = None, limit: int = 10) -> list[dict]:
     """The week's most common failure texts (first 200 characters), with a sample message."""
     now = now or timezone.now()
+    # Each status on its own partial index (failed: attention, pending: due), so that
+    # the week's sent messages are never read.
+    failed = Q(status=Message.Status.FAILED) | Q(status=Message.Status.PENDING)
     rows = (
         Message.objects.using(using)
-        .filter(created_at__gte=now - timedelta(days=7))
+        .filter(failed, created_at__gte=now - timedelta(days=7))
         .exclude(last_error="")
-        .filter(Q(status=Message.Status.FAILED) | Q(status=Message.Status.PENDING))
         .annotate(error=Substr("last_error", 1, 200))
         .values("error")
         .annotate(count=Count("id"), sample_id=Min("id"))
@@ -184,25 +246,14 @@ def top_errors(using: str = "default", now: datetime | None = None, limit: int =
 def hourly(using: str = "default", now: datetime | None = None) -> list[dict]:
     """Messages per hour by status over the last 24 hours, oldest hour first, gaps filled."""
     now = now or timezone.now()
-    start = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=23)
-    rows = (
-        Message.objects.using(using)
-        .filter(created_at__gte=start)
-        .annotate(hour=TruncHour("created_at", tzinfo=timezone.get_current_timezone()))
-        .values("hour", "status")
-        .annotate(n=Count("id"))
-        .order_by()
-    )
-    buckets: dict[datetime, dict[str, int]] = {}
-    for r in rows:
-        hour = r["hour"].astimezone(timezone.get_current_timezone()).replace(tzinfo=None)
-        buckets.setdefault(hour, {})[r["status"]] = r["n"]
+    start = count_hour(now) - timedelta(hours=23)
+    hours = _per_hour(using, start)
     out = []
-    local_start = timezone.localtime(start).replace(tzinfo=None)
     for i in range(24):
-        hour = local_start + timedelta(hours=i)
-        counts = buckets.get(hour, {})
-        out.append({"hour": hour, **{s: counts.get(s, 0) for s in CHART_STATUSES}})
+        hour = start + timedelta(hours=i)
+        counts = hours.get(hour, {})
+        local = timezone.localtime(hour).replace(tzinfo=None)
+        out.append({"hour": local, **{s: counts.get(s, 0) for s in CHART_STATUSES}})
     return out
 
 
@@ -212,6 +263,7 @@ CHART_COLORS = {
     "failed": "#c0392b",
     "blocked": "#7f4fa0",
     "skipped": "#999999",
+    "superseded": "#6c8ebf",
 }
 
 
@@ -261,6 +313,10 @@ def report(
     """Everything the health page and ``cdp_health`` show, plus the verdict."""
     now = now or timezone.now()
     status = delivery_status(using, stuck_after=stuck_after, now=now)
+    outage = data_plane_outage(using)
+    if outage:
+        status.ok = False
+        status.reasons.append(outage)
     windows = window_counts(using, now)
     hour = windows["hour"]
     finished = hour["sent"] + hour["failed"]
