@@ -204,3 +204,14 @@ def test_command_config_error_exits_1(db, settings):
     assert data["ok"] is False
     assert "the data plane answers 401" in data["reasons"][0]
     assert "sekrit-write-key" not in out
+
+
+def test_superseded_is_a_status_of_the_delivery_log_filter(admin_client_, db):
+    create_message(status=Message.Status.SUPERSEDED, event="", type="identify")
+    create_message(status=Message.Status.SENT)
+    changelist = reverse("admin:django_cdp_message_changelist")
+    html = admin_client_.get(changelist).content.decode()
+    assert "?status__exact=superseded" in html
+    response = admin_client_.get(changelist, {"status__exact": "superseded"})
+    assert response.status_code == 200
+    assert [m.status for m in response.context["cl"].result_list] == ["superseded"]
