@@ -5,8 +5,9 @@
 Needs PostgreSQL on 127.0.0.1:5432 (user postgres; ``CDP_BENCH_PG_*`` override).
 Creates the database ``cdp_bench_admin``, fills it with ``generate_series`` (80%
 sent, 10% failed, 5% pending, 5% skipped, spread over 8 days, 12 event names,
-50,000 users), renders each page ``--repeat`` times through Django's test client
-as a superuser and prints the median and p95 wall time, then drops the database.
+50,000 users) and the hourly counters delivery would have kept for them, renders
+each page ``--repeat`` times through Django's test client as a superuser and
+prints the median and p95 wall time, then drops the database.
 Self-contained (tests.settings on PostgreSQL), so it runs without the others.
 """
 
@@ -58,6 +59,14 @@ SELECT 'bench-' || g,
 FROM generate_series(1, %(rows)s) AS g
 """
 
+# What delivery's outcomes would have added to the hourly counters for these rows.
+COUNT_SQL = """
+INSERT INTO django_cdp_deliverycount (hour, status, n)
+SELECT date_trunc('hour', created_at), status, count(*)
+FROM django_cdp_message WHERE status IN ('sent', 'skipped', 'superseded')
+GROUP BY 1, 2
+"""
+
 PAGES = [
     ("changelist", "/admin/django_cdp/message/"),
     ("changelist, status=failed", "/admin/django_cdp/message/?status__exact=failed"),
@@ -90,6 +99,7 @@ def main() -> None:
         start = time.monotonic()
         with connection.cursor() as cursor:
             cursor.execute(FILL_SQL, {"rows": args.rows})
+            cursor.execute(COUNT_SQL)
             cursor.execute("ANALYZE django_cdp_message")
         print(f"filled {args.rows:,} messages in {time.monotonic() - start:.1f} s")
         user = User.objects.create_superuser("bench", password="pw")
