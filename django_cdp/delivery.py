@@ -205,20 +205,13 @@ def _bookkeeping(using: str) -> Iterator[None]:
     = off`` for this transaction only): if the database server crashed right after,
     a lost claim makes rows due again and a lost outcome lets the lease expire and
     the rows be sent again with the same messageId, both within the at-least-once
-    promise, and the saved flush is a large share of a claim's cost. On SQLite it
-    takes the write lock before its first read.
+    promise, and the saved flush is a large share of a claim's cost.
     """
     with transaction.atomic(using=using):
         connection = connections[using]
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
                 cursor.execute("SET LOCAL synchronous_commit TO OFF")
-        elif connection.vendor == "sqlite":
-            # Take SQLite's write lock first (a write that matches nothing), waiting for it
-            # with the busy timeout: a transaction that reads first and writes later fails
-            # at once with "database is locked" if another connection wrote in between.
-            with connection.cursor() as cursor:
-                cursor.execute(f"DELETE FROM {DeliveryEndpoint._meta.db_table} WHERE 0")
         yield
 
 
