@@ -15,8 +15,8 @@ from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 from typing import Any
 
-from django.db.models import Count, Min, Q
-from django.db.models.functions import Substr, TruncHour
+from django.db.models import Count
+from django.db.models.functions import TruncHour
 from django.utils import timezone
 
 from django_cdp.models import DeliveryCount, DeliveryEndpoint, Message, count_hour
@@ -30,6 +30,12 @@ MAX_FAILURE_RATE = 0.05
 CONFIG_ERROR_CODES = (401, 403, 404)
 #: The write-to-sent delay percentiles are computed over at most this many recent messages.
 DELAY_SAMPLE = 10_000
+#: The most common errors are counted over at most this many dead letters (and as many
+#: pending messages whose last try failed).
+ERROR_SAMPLE = 5_000
+#: A pending message refused for its write key or URL counts while it is due again within
+#: this long (delivery retries those every 30 to 60 s); older ones show as stuck by age.
+REFUSED_WITHIN = timedelta(minutes=10)
 
 WINDOWS: tuple[tuple[str, timedelta], ...] = (
     ("hour", timedelta(hours=1)),
@@ -90,9 +96,15 @@ def delivery_status(
         .values_list("created_at", flat=True)
         .first()
     )
+    # Delivery puts refused rows a few seconds ahead (CONFIG_ERROR_RETRY_SECONDS): read
+    # only the far end of the claim index, not every pending row.
     refused = (
-        qs.filter(status=Message.Status.PENDING, last_response_code__in=CONFIG_ERROR_CODES)
-        .order_by("-id")
+        qs.filter(
+            status=Message.Status.PENDING,
+            next_attempt_at__gte=now - REFUSED_WITHIN,
+            last_response_code__in=CONFIG_ERROR_CODES,
+        )
+        .order_by("-next_attempt_at")
         .values_list("last_response_code", "last_error")
         .first()
     )
@@ -163,7 +175,11 @@ WINDOW_COLUMNS = ("written", "sent", "pending", "failed", "superseded")
 _ROW_COUNTED = ((Message.Status.PENDING,), (Message.Status.FAILED, Message.Status.BLOCKED))
 
 
-def _per_hour(using: str, since: datetime) -> dict[datetime, dict[str, int]]:
+#: Messages per UTC hour (the hour they were written in) and status.
+Buckets = dict[datetime, dict[str, int]]
+
+
+def _per_hour(using: str, since: datetime) -> Buckets:
     """Messages written since ``since`` per UTC hour and status, without reading a week of rows.
 
     Sent, skipped and superseded come from the hourly counters delivery keeps
@@ -189,15 +205,22 @@ def _per_hour(using: str, since: datetime) -> dict[datetime, dict[str, int]]:
     return hours
 
 
-def window_counts(using: str = "default", now: datetime | None = None) -> dict[str, dict]:
+def week_buckets(using: str = "default", now: datetime | None = None) -> Buckets:
+    """The widest window's hourly buckets, which every figure per window or hour is read from."""
+    widest = max(span for _, span in WINDOWS)
+    return _per_hour(using, count_hour((now or timezone.now()) - widest))
+
+
+def window_counts(
+    using: str = "default", now: datetime | None = None, buckets: Buckets | None = None
+) -> dict[str, dict]:
     """Written/sent/pending/failed/superseded per window, read from hourly buckets.
 
     A window starts at the top of the hour its span reaches back to (the "hour"
     window holds the current and the previous clock hour's messages, at most).
     """
     now = now or timezone.now()
-    widest = max(span for _, span in WINDOWS)
-    hours = _per_hour(using, count_hour(now - widest))
+    hours = week_buckets(using, now) if buckets is None else buckets
     out = {}
     for name, span in WINDOWS:
         since = count_hour(now - span)
@@ -226,28 +249,39 @@ def delays(using: str = "default", now: datetime | None = None) -> dict[str, flo
 
 
 def top_errors(using: str = "default", now: datetime | None = None, limit: int = 10) -> list[dict]:
-    """The week's most common failure texts (first 200 characters), with a sample message."""
+    """The most common failure texts (first 200 characters) of the week, with a sample message.
+
+    Over a bounded sample, like the delays: the :data:`ERROR_SAMPLE` most recent dead
+    letters (the attention index, newest first) and the pending messages whose last
+    try failed (the due index from its far end, where backoffs put them), so that a
+    week with a hundred thousand failures costs no more than one with ten.
+    """
     now = now or timezone.now()
-    # Each status on its own partial index (failed: attention, pending: due), so that
-    # the week's sent messages are never read.
-    failed = Q(status=Message.Status.FAILED) | Q(status=Message.Status.PENDING)
-    rows = (
-        Message.objects.using(using)
-        .filter(failed, created_at__gte=now - timedelta(days=7))
-        .exclude(last_error="")
-        .annotate(error=Substr("last_error", 1, 200))
-        .values("error")
-        .annotate(count=Count("id"), sample_id=Min("id"))
-        .order_by("-count")[:limit]
-    )
-    return [{**r, "error": mask_secrets(r["error"])} for r in rows]
+    recent = Message.objects.using(using).filter(created_at__gte=now - timedelta(days=7))
+    failed = recent.filter(status=Message.Status.FAILED).order_by("-id")
+    retrying = recent.filter(status=Message.Status.PENDING).order_by("-next_attempt_at")
+    counts: dict[str, list[int]] = {}
+    for queryset in (failed, retrying):
+        for pk, error in queryset.exclude(last_error="").values_list("id", "last_error")[
+            :ERROR_SAMPLE
+        ]:
+            entry = counts.setdefault(error[:200], [0, pk])
+            entry[0] += 1
+            entry[1] = min(entry[1], pk)
+    ranked = sorted(counts.items(), key=lambda item: -item[1][0])[:limit]
+    return [
+        {"error": mask_secrets(error), "count": n, "sample_id": sample}
+        for error, (n, sample) in ranked
+    ]
 
 
-def hourly(using: str = "default", now: datetime | None = None) -> list[dict]:
+def hourly(
+    using: str = "default", now: datetime | None = None, buckets: Buckets | None = None
+) -> list[dict]:
     """Messages per hour by status over the last 24 hours, oldest hour first, gaps filled."""
     now = now or timezone.now()
     start = count_hour(now) - timedelta(hours=23)
-    hours = _per_hour(using, start)
+    hours = _per_hour(using, start) if buckets is None else buckets
     out = []
     for i in range(24):
         hour = start + timedelta(hours=i)
@@ -317,7 +351,8 @@ def report(
     if outage:
         status.ok = False
         status.reasons.append(outage)
-    windows = window_counts(using, now)
+    buckets = week_buckets(using, now)
+    windows = window_counts(using, now, buckets)
     hour = windows["hour"]
     finished = hour["sent"] + hour["failed"]
     failure_rate = hour["failed"] / finished if finished else 0.0
@@ -330,6 +365,7 @@ def report(
     return {
         "status": status,
         "windows": windows,
+        "hours": hourly(using, now, buckets),
         "failure_rate": failure_rate,
         "delays": delays(using, now),
         "errors": top_errors(using, now),
