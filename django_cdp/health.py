@@ -253,13 +253,18 @@ def top_errors(using: str = "default", now: datetime | None = None, limit: int =
 
     Over a bounded sample, like the delays: the :data:`ERROR_SAMPLE` most recent dead
     letters (the attention index, newest first) and the pending messages whose last
-    try failed (the due index from its far end, where backoffs put them), so that a
-    week with a hundred thousand failures costs no more than one with ten.
+    try failed and that are due again within the last hour or later (the due index
+    from its far end, where backoffs put them), so that a week with a hundred
+    thousand failures costs no more than one with ten.
     """
     now = now or timezone.now()
     recent = Message.objects.using(using).filter(created_at__gte=now - timedelta(days=7))
     failed = recent.filter(status=Message.Status.FAILED).order_by("-id")
-    retrying = recent.filter(status=Message.Status.PENDING).order_by("-next_attempt_at")
+    # A failed try puts its row ahead (backoff) or, in an outage, due at once: rows due
+    # more than an hour ago have not been tried since, and are not read.
+    retrying = recent.filter(
+        status=Message.Status.PENDING, next_attempt_at__gte=now - timedelta(hours=1)
+    ).order_by("-next_attempt_at")
     counts: dict[str, list[int]] = {}
     for queryset in (failed, retrying):
         for pk, error in queryset.exclude(last_error="").values_list("id", "last_error")[
