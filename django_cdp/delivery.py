@@ -1000,12 +1000,14 @@ def drain(
             ok = True
         else:
             ok = run.send(token, batch.rows, claimed_at, probe, meanwhile)
-        upcoming = ahead.pop() if ahead else None
+        claimed_ahead = bool(ahead)
+        upcoming = ahead.pop() if claimed_ahead else None
         if not ok or not batch.more or over():
             if upcoming is not None and upcoming.batch.rows:
                 run.release(upcoming.token, upcoming.batch.rows)
             break
-        current = upcoming if meanwhile is not None else run.next_round()
+        # The send may have ended before its request (a release): then claim now.
+        current = upcoming if claimed_ahead else run.next_round()
     return run.result
 
 

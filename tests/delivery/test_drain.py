@@ -287,3 +287,26 @@ def test_sqlite_claim_is_conditional(configure):
     )
     batch = claim("default", "a", max_messages=10, max_bytes=500_000, lease_seconds=60)
     assert len(batch.rows) == 1
+
+
+def test_a_batch_released_before_its_request_does_not_end_the_drain(
+    configure, data_plane, monkeypatch
+):
+    # The first claim is slow (half its lease gone before the request): its rows are given
+    # back unsent, and the drain claims again (the next claim could not overlap a request).
+    configure(MAX_BATCH_MESSAGES=5)
+    make_messages(10)
+    real = delivery._Run.next_round
+    calls = []
+
+    def next_round(self: delivery._Run, **kwargs: Any) -> delivery.Round | None:
+        current = real(self, **kwargs)
+        calls.append(current)
+        if len(calls) == 1 and current is not None:
+            current = current._replace(claimed_at=current.claimed_at - self.lease)
+        return current
+
+    monkeypatch.setattr(delivery._Run, "next_round", next_round)
+    result = drain()
+    assert (result.released, result.sent) == (5, 10)
+    assert statuses() == {"sent": 10}
