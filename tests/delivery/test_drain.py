@@ -310,3 +310,26 @@ def test_a_batch_released_before_its_request_does_not_end_the_drain(
     result = drain()
     assert (result.released, result.sent) == (5, 10)
     assert statuses() == {"sent": 10}
+
+
+def test_the_next_batch_is_claimed_while_the_request_is_out(configure, data_plane, monkeypatch):
+    configure(MAX_BATCH_MESSAGES=5)
+    make_messages(15)
+    data_plane.delay = 0.2
+    events: list[str] = []
+    real_claim, real_post = delivery.claim, transport.post_batch
+
+    def claim_(*args: Any, **kwargs: Any) -> delivery.Batch:
+        events.append("claim")
+        return real_claim(*args, **kwargs)
+
+    def post_batch(*args: Any, **kwargs: Any) -> transport.Response:
+        response = real_post(*args, **kwargs)
+        events.append("answered")
+        return response
+
+    monkeypatch.setattr(delivery, "claim", claim_)
+    monkeypatch.setattr(transport, "post_batch", post_batch)
+    assert drain().sent == 15
+    # The request of a batch runs on the sender thread while this one claims the next.
+    assert events[:4] == ["claim", "claim", "answered", "claim"]
