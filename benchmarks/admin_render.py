@@ -5,8 +5,10 @@
 Needs PostgreSQL on 127.0.0.1:5432 (user postgres; ``CDP_BENCH_PG_*`` override).
 Creates the database ``cdp_bench_admin``, fills it with ``generate_series`` (80%
 sent, 10% failed, 5% pending, 5% skipped, spread over 8 days, 12 event names,
-50,000 users), renders each page ``--repeat`` times through Django's test client
-as a superuser and prints the median and p95 wall time, then drops the database.
+50,000 users; ``next_attempt_at`` is the write time, as the column's default makes
+it) and the hourly counters delivery would have kept for them, renders
+each page ``--repeat`` times through Django's test client as a superuser and
+prints the median and p95 wall time, then drops the database.
 Self-contained (tests.settings on PostgreSQL), so it runs without the others.
 """
 
@@ -43,7 +45,7 @@ SELECT 'bench-' || g,
        CASE WHEN g %% 20 < 16 THEN 'sent' WHEN g %% 20 < 18 THEN 'failed'
             WHEN g %% 20 = 18 THEN 'pending' ELSE 'skipped' END,
        1,
-       now(),
+       now() - (%(rows)s - g) * interval '1 second' * (691200.0 / %(rows)s),
        '',
        CASE WHEN g %% 20 IN (16, 17) THEN '400 Bad Request: error ' || (g %% 7) ELSE '' END,
        CASE WHEN g %% 20 < 16 THEN 200 WHEN g %% 20 < 18 THEN 400 ELSE NULL END,
@@ -56,6 +58,14 @@ SELECT 'bench-' || g,
        (g %% 100000)::text,
        '[]'::jsonb
 FROM generate_series(1, %(rows)s) AS g
+"""
+
+# What delivery's outcomes would have added to the hourly counters for these rows.
+COUNT_SQL = """
+INSERT INTO django_cdp_deliverycount (hour, status, n)
+SELECT date_trunc('hour', created_at), status, count(*)
+FROM django_cdp_message WHERE status IN ('sent', 'skipped', 'superseded')
+GROUP BY 1, 2
 """
 
 PAGES = [
@@ -90,6 +100,7 @@ def main() -> None:
         start = time.monotonic()
         with connection.cursor() as cursor:
             cursor.execute(FILL_SQL, {"rows": args.rows})
+            cursor.execute(COUNT_SQL)
             cursor.execute("ANALYZE django_cdp_message")
         print(f"filled {args.rows:,} messages in {time.monotonic() - start:.1f} s")
         user = User.objects.create_superuser("bench", password="pw")

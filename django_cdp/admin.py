@@ -384,7 +384,6 @@ class MessageAdmin(admin.ModelAdmin):
         self._require_view(request)
         using = self._using(request)
         figures = health.report(using)
-        hours = health.hourly(using)
         context = {
             **self.admin_site.each_context(request),
             "opts": self.opts,
@@ -392,7 +391,8 @@ class MessageAdmin(admin.ModelAdmin):
             "cdp_status": figures["status"],
             "figures": figures,
             "windows": [(name, figures["windows"][name]) for name, _ in health.WINDOWS],
-            "chart": mark_safe(health.hourly_svg(hours)),  # built from numbers and fixed text
+            # Built from numbers and fixed text.
+            "chart": mark_safe(health.hourly_svg(figures["hours"])),
             "chart_colors": health.CHART_COLORS.items(),
             "write_key": health.masked_write_key(),
             "changelist_url": self._reverse("changelist"),

@@ -9,6 +9,9 @@ spent:
    now + lease and ``locked_by`` to this claim's token, counting the attempt
    now (so a message that kills its worker still runs out of attempts). The
    row locks end with that transaction; ownership is the lease in the row.
+   Identifies are resolved here too: only a user's newest identify is sent, the
+   older pending ones become ``superseded``, and the newest waits while an older
+   one is still in flight (:func:`_latest_identifies`).
    Backends without SKIP LOCKED (SQLite) claim with a conditional ``UPDATE``
    and are documented as single-worker.
 2. **Send** outside any transaction: one ``/v1/batch`` POST per claimed batch.
@@ -21,8 +24,15 @@ spent:
    the lease. A worker whose lease expired (and whose rows another worker may
    have claimed since) updates nothing. A worker that dies leaves rows that
    become due again when their lease ends. A failed request also leaves one
-   :class:`~django_cdp.models.DeliveryAttempt` row per message, written in the
-   same transaction (one ``INSERT``); a successful one writes nothing more.
+   :class:`~django_cdp.models.DeliveryAttempt` row per message, and a final
+   outcome adds to the hourly :class:`~django_cdp.models.DeliveryCount`, both in
+   the same transaction.
+
+Outages belong to the data plane, not to the messages: a 5xx, 429, timeout or
+connection error marks the data plane's :class:`~django_cdp.models.DeliveryEndpoint`
+row as failing, and every worker then waits for its backoff; one worker at a time
+probes with a small batch whose attempts are given back, and the first answer
+makes the whole backlog flow again at full speed (:meth:`_Run.endpoint_turn`).
 
 All times come from the database clock (``Now()``), so workers on hosts with
 skewed clocks agree on what is due.
@@ -30,6 +40,7 @@ skewed clocks agree on what is due.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
@@ -37,22 +48,30 @@ import random
 import secrets
 import socket
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, NamedTuple
 
 from django.apps import apps
 from django.db import connections, transaction
-from django.db.models import F, Q
+from django.db.models import BooleanField, ExpressionWrapper, F, Q
 from django.db.models.functions import Now
 
 from django_cdp import transport
 from django_cdp.capture.rows import build_row
-from django_cdp.models import DeliveryAttempt, Message, TraitsDigest
+from django_cdp.models import (
+    DeliveryAttempt,
+    DeliveryCount,
+    DeliveryEndpoint,
+    Message,
+    TraitsDigest,
+    count_hour,
+)
 from django_cdp.settings import cdp_settings
 from django_cdp.signals import message_created, message_failed, message_sent
 from django_cdp.transport import Outcome
@@ -61,10 +80,23 @@ from django_cdp.validation import TrackingPlanViolation
 logger = logging.getLogger("django_cdp.delivery")
 
 PENDING = Message.Status.PENDING
+IDENTIFY = Message.Type.IDENTIFY
 
 BACKOFF_FACTOR = 3.0
 BACKOFF_JITTER = 0.25
 MAX_CONFIG_ERROR_RETRY_SECONDS = 60.0
+#: Messages in a probe, the one small request sent while the data plane is failing.
+PROBE_MESSAGES = 10
+#: The data plane's backoff: doubling from this (or ``RETRY_BACKOFF_BASE`` if smaller)...
+OUTAGE_BACKOFF_BASE = 1.0
+#: ...up to this (or ``RETRY_BACKOFF_MAX`` if smaller): the longest a recovered data plane
+#: waits for its first probe, so this bounds how late the backlog starts flowing again.
+OUTAGE_BACKOFF_MAX = 20.0
+#: How long a user's newest identify waits while an older one of that user is in flight.
+IDENTIFY_WAIT_SECONDS = 1.0
+SUPERSEDED_ERROR = "superseded: a newer identify of this user is delivered instead"
+
+_CLEAR_LEASE = {"locked_until": None, "locked_by": ""}
 
 
 def backoff_seconds(attempts: int, retry_after: float | None = None) -> float:
@@ -84,6 +116,22 @@ def backoff_seconds(attempts: int, retry_after: float | None = None) -> float:
     return delay
 
 
+def outage_seconds(failures: int, retry_after: float | None = None) -> float:
+    """Delay before the next probe of a data plane that failed ``failures`` requests in a row.
+
+    Short and capped (1, 2, 4 ... 20 s), because every second of it after the
+    data plane recovers is a second the whole backlog waits; jittered down to half,
+    so that deployments sharing a data plane do not probe in step; never earlier
+    than a ``Retry-After`` (capped like a message's).
+    """
+    base = min(OUTAGE_BACKOFF_BASE, float(cdp_settings.RETRY_BACKOFF_BASE))
+    cap = min(OUTAGE_BACKOFF_MAX, float(cdp_settings.RETRY_BACKOFF_MAX))
+    delay = min(cap, base * 2 ** max(0, failures - 1)) * random.uniform(0.5, 1.0)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, float(cdp_settings.RETRY_BACKOFF_MAX)))
+    return delay
+
+
 def config_error_delay() -> float:
     """Delay after 401/403/404: short, so that a fixed key or URL takes effect quickly."""
     return min(MAX_CONFIG_ERROR_RETRY_SECONDS, float(cdp_settings.CONFIG_ERROR_RETRY_SECONDS))
@@ -96,14 +144,18 @@ class DrainResult:
     claimed: int = 0
     sent: int = 0
     failed: int = 0
-    #: Put back with a backoff after 429/5xx/timeouts/connection errors.
+    #: Put back after 429/5xx/timeouts/connection errors.
     retrying: int = 0
     #: Put back after 401/403/404 (attempt not counted).
     config_errors: int = 0
     skipped: int = 0
+    #: Older identifies of a user left unsent because a newer one is delivered.
+    superseded: int = 0
     #: Given back unsent because the lease was running out.
     released: int = 0
     requests: int = 0
+    #: 1 when the drain stopped (or did not start) because the data plane is backing off.
+    waiting: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -113,7 +165,7 @@ class DrainResult:
 
 
 class Claimed(NamedTuple):
-    """A claimed row, as much as sending and fencing need."""
+    """A claimed row, as much as sending, fencing and counting need."""
 
     id: int
     message_id: str
@@ -122,12 +174,16 @@ class Claimed(NamedTuple):
     payload: str
     #: ``attempts`` after the claim counted this one: part of the fence.
     attempts: int
+    #: The hour the message was written in: its bucket in the hourly counters.
+    hour: datetime
 
 
 class Batch(NamedTuple):
     rows: list[Claimed]
     #: Whether more rows may be due (the claim was cut by a limit).
     more: bool
+    #: Older identifies this claim marked ``superseded`` instead of claiming them.
+    superseded: int = 0
 
 
 def default_worker_id() -> str:
@@ -153,6 +209,46 @@ def _bookkeeping(using: str) -> Iterator[None]:
         yield
 
 
+def _count(using: str, status: str, rows: Iterable[Any]) -> None:
+    """Add rows that reached ``status`` to the hourly counters (call in their transaction)."""
+    if status not in DeliveryCount.STATUSES:
+        return
+    DeliveryCount.objects.using(using).add(
+        {(hour, status): n for hour, n in Counter(r.hour for r in rows).items()}
+    )
+
+
+_CLAIM_COLUMNS = (
+    "id",
+    "message_id",
+    "type",
+    "user_id",
+    "payload",
+    "attempts",
+    "xid",
+    "source_model",
+    "source_pk",
+    "created_at",
+)
+
+
+class _Candidate(NamedTuple):
+    id: int
+    message_id: str
+    type: str
+    user_id: str
+    payload: str
+    attempts: int
+    xid: int | None
+    source_model: str
+    source_pk: str
+    created_at: datetime
+
+    @property
+    def hour(self) -> datetime:
+        return count_hour(self.created_at)
+
+
 def claim(
     using: str,
     token: str,
@@ -160,11 +256,15 @@ def claim(
     max_messages: int,
     max_bytes: int,
     lease_seconds: float,
+    probe: bool = False,
 ) -> Batch:
     """Claim up to ``max_messages`` due rows whose wire size fits in ``max_bytes``.
 
     A single row larger than ``max_bytes`` is still claimed (alone), so that the
     size check at send time can dead-letter it instead of it blocking the queue.
+    A ``probe`` (the data plane is failing) takes the rows tried least recently
+    first, so that a data plane which stores requests it never answers receives
+    each message at most once more before the backlog has been round.
     """
     skip_locked = connections[using].features.has_select_for_update_skip_locked
     budget = max_bytes - transport.ENVELOPE_BYTES
@@ -172,29 +272,29 @@ def claim(
         due = Message.objects.using(using).filter(status=PENDING, next_attempt_at__lte=Now())
         if skip_locked:
             due = due.select_for_update(skip_locked=True)
-        candidates = list(
-            due.order_by("next_attempt_at", "id").values_list(
-                "id",
-                "message_id",
-                "type",
-                "user_id",
-                "payload",
-                "attempts",
-                "xid",
-                "source_model",
-                "source_pk",
-            )[:max_messages]
+        order = (
+            (F("last_attempt_at").asc(nulls_first=True), "id")
+            if probe
+            else ("next_attempt_at", "id")
         )
-        taken: list[tuple] = []
+        candidates = [
+            _Candidate(*row)
+            for row in due.order_by(*order).values_list(*_CLAIM_COLUMNS)[:max_messages]
+        ]
+        taken: list[_Candidate] = []
         size = 0
         for row in candidates:
-            size += transport.wire_size(row[4])
+            size += transport.wire_size(row.payload)
             if taken and size > budget:
                 break
             taken.append(row)
+        more = len(taken) < len(candidates) or len(candidates) == max_messages
+        superseded = 0
+        if any(row.type == IDENTIFY for row in taken):
+            taken, superseded = _latest_identifies(using, taken, skip_locked)
         if not taken:
-            return Batch([], False)
-        ids = [row[0] for row in taken]
+            return Batch([], more, superseded)
+        ids = [row.id for row in taken]
         lease = Now() + timedelta(seconds=lease_seconds)
         # On PostgreSQL the rows are locked, so the conditions hold; on SQLite they
         # are what makes the claim safe against a concurrent claimer. A row written by
@@ -212,7 +312,7 @@ def claim(
                 capture=None,
             )
         )
-        attempts = {row[0]: row[5] + 1 for row in taken}
+        attempts = {row.id: row.attempts + 1 for row in taken}
         if updated != len(ids):
             attempts = dict(
                 Message.objects.using(using)
@@ -220,12 +320,81 @@ def claim(
                 .values_list("id", "attempts")
             )
         rows = [
-            Claimed(r[0], r[1], r[2], r[3], r[4], attempts[r[0]]) for r in taken if r[0] in attempts
+            Claimed(r.id, r.message_id, r.type, r.user_id, r.payload, attempts[r.id], r.hour)
+            for r in taken
+            if r.id in attempts
         ]
-        fresh = {r[0]: (r[7], r[8]) for r in taken if r[6] is not None}
+        fresh = {r.id: (r.source_model, r.source_pk) for r in taken if r.xid is not None}
         if fresh:
             rows = _finish(using, rows, fresh)
-    return Batch(rows, more=len(taken) < len(candidates) or len(candidates) == max_messages)
+    return Batch(rows, more, superseded)
+
+
+def _latest_identifies(
+    using: str, taken: list[_Candidate], skip_locked: bool
+) -> tuple[list[_Candidate], int]:
+    """``taken`` without the identifies that must not be sent now, and how many were superseded.
+
+    Runs inside the claim's transaction.
+    Only a user's newest identify (highest id among its pending and sent ones) is
+    ever sent, and never while an older one of that user is in flight (leased, or
+    locked by another claim that may lease it): otherwise the older traits could
+    reach the data plane after the newer ones. So, per user of an identify in
+    ``taken``:
+
+    * older pending identifies that this claim holds or can lock (``SKIP LOCKED``)
+      and that are not leased become ``superseded``; a claim that holds an older
+      one while the newest exists supersedes it (the newest being committed, every
+      claimer sees it, whatever it locks);
+    * the newest, if taken here, is claimed unless an older one is in flight; then
+      it waits :data:`IDENTIFY_WAIT_SECONDS` (out of the due set, so a drain does
+      not spin on it) and is claimed once the older one has an outcome, which, if
+      it is a retry, makes the older one superseded at that claim.
+    """
+    mine = {row.id: row for row in taken if row.type == IDENTIFY}
+    users = {row.user_id for row in mine.values()}
+    messages = Message.objects.using(using)
+    leased = ExpressionWrapper(Q(locked_until__gt=Now()), output_field=BooleanField())
+    others = list(
+        messages.filter(type=IDENTIFY, user_id__in=users)
+        .filter(Q(status=PENDING) | Q(status=Message.Status.SENT, id__gt=min(mine)))
+        .exclude(id__in=list(mine))
+        .annotate(leased=leased)
+        .values_list("id", "user_id", "status", "leased", "created_at")
+    )
+    newest: dict[str, int] = {}
+    for id_, user_id, *_ in [(r.id, r.user_id) for r in mine.values()] + others:
+        newest[user_id] = max(id_, newest.get(user_id, 0))
+    older = [r for r in others if r[2] == PENDING and r[0] < newest[r[1]]]
+    lockable = {r[0] for r in older}
+    if skip_locked and lockable:
+        lockable = set(
+            messages.filter(id__in=list(lockable), status=PENDING)
+            .select_for_update(skip_locked=True)
+            .values_list("id", flat=True)
+        )
+    in_flight = {r[1] for r in older if r[3] or r[0] not in lockable}
+    superseded = [
+        _Candidate(r[0], "", IDENTIFY, r[1], "", 0, None, "", "", r[4])
+        for r in older
+        if r[0] in lockable and not r[3]
+    ] + [r for r in mine.values() if r.id < newest[r.user_id]]
+    waiting = [r.id for r in mine.values() if r.id == newest[r.user_id] and r.user_id in in_flight]
+    if superseded:
+        messages.filter(id__in=[r.id for r in superseded], status=PENDING).update(
+            status=Message.Status.SUPERSEDED,
+            last_error=SUPERSEDED_ERROR,
+            xid=None,
+            capture=None,
+            **_CLEAR_LEASE,
+        )
+        _count(using, Message.Status.SUPERSEDED, superseded)
+    if waiting:
+        messages.filter(id__in=waiting).update(
+            next_attempt_at=Now() + timedelta(seconds=IDENTIFY_WAIT_SECONDS)
+        )
+    dropped = {r.id for r in superseded}.union(waiting)
+    return [row for row in taken if row.id not in dropped], len(superseded)
 
 
 def _finish(using: str, rows: list[Claimed], fresh: dict[int, tuple[str, str]]) -> list[Claimed]:
@@ -296,8 +465,6 @@ def _fenced(using: str, token: str, rows: Sequence[Claimed]) -> Any:
     return Message.objects.using(using).filter(match, locked_by=token, status=PENDING)
 
 
-_CLEAR_LEASE = {"locked_until": None, "locked_by": ""}
-
 AttemptOutcome = DeliveryAttempt.Outcome
 
 
@@ -342,6 +509,27 @@ def _notify(signal: Any, using: str, ids: Iterable[int]) -> None:
             logger.exception("django-cdp: a %r receiver raised", signal)
 
 
+class Turn(enum.Enum):
+    """What the data plane's state lets a drain do next (:meth:`_Run.endpoint_turn`)."""
+
+    #: The data plane answers: claim full batches.
+    SEND = "send"
+    #: It is failing and its backoff is over: this drain sends the probe.
+    PROBE = "probe"
+    #: It is failing and backing off (or another worker probes): send nothing now.
+    WAIT = "wait"
+
+
+class Round(NamedTuple):
+    """One claim, ready to send."""
+
+    token: str
+    batch: Batch
+    #: ``time.monotonic()`` before the claim: the lease ends no earlier than this + lease.
+    claimed_at: float
+    probe: bool
+
+
 class _Run:
     """One drain: the settings snapshot, the claim token and the counts."""
 
@@ -358,27 +546,130 @@ class _Run:
         self.max_attempts = int(cdp_settings.MAX_ATTEMPTS)
         self.max_message_bytes = int(cdp_settings.MAX_MESSAGE_BYTES)
         self.max_batch_bytes = int(cdp_settings.MAX_BATCH_BYTES)
+        self.max_messages = max(1, int(cdp_settings.MAX_BATCH_MESSAGES))
+        #: Messages to fetch in the next claim: about as many as fit (payloads can be large).
+        self.limit = self.max_messages
 
     def new_token(self) -> str:
         return f"{self.worker_id}:{secrets.token_hex(4)}"
+
+    # The data plane's state, shared by all workers through its DeliveryEndpoint row.
+
+    def endpoint_turn(self, *, force: bool = False) -> Turn:
+        """Whether to send, probe or wait, from the data plane's row (one query when healthy).
+
+        While the data plane is failing, one worker at a time takes the probe: the
+        conditional ``UPDATE`` moves ``next_try_at`` a lease ahead, so the others
+        wait until this probe's outcome (or, if its worker died, the lease's end).
+        ``force`` (``cdp_deliver`` run by hand) probes even during the backoff.
+        """
+        endpoints = DeliveryEndpoint.objects.using(self.using).filter(url=self.url, failures__gt=0)
+        if not endpoints.exists():
+            return Turn.SEND
+        if not force:
+            endpoints = endpoints.filter(next_try_at__lte=Now())
+        if endpoints.update(next_try_at=Now() + timedelta(seconds=self.lease)):
+            return Turn.PROBE
+        return Turn.WAIT
+
+    def endpoint_failed(self, resp: transport.Response) -> None:
+        """A failed request (5xx, 429, no answer): the data plane backs off, for all workers."""
+        with _bookkeeping(self.using):
+            endpoints = DeliveryEndpoint.objects.using(self.using)
+            endpoints.bulk_create([DeliveryEndpoint(url=self.url)], ignore_conflicts=True)
+            endpoint = endpoints.select_for_update().get(url=self.url)
+            endpoint.failures += 1
+            delay = outage_seconds(endpoint.failures, resp.retry_after)
+            endpoints.filter(url=self.url).update(
+                failures=endpoint.failures,
+                next_try_at=Now() + timedelta(seconds=delay),
+                failing_since=endpoint.failing_since or Now(),
+                last_error=resp.describe(),
+                last_response_code=resp.status,
+            )
+        logger.warning(
+            "django-cdp: the data plane at %s is failing (%s, %d failed request(s) in a row); "
+            "next try in %.1f s",
+            self.url,
+            resp.describe(),
+            endpoint.failures,
+            delay,
+        )
+
+    def endpoint_answered(self) -> None:
+        """The probe got an answer: the outage is over, the whole backlog is due again."""
+        with _bookkeeping(self.using):
+            DeliveryEndpoint.objects.using(self.using).filter(url=self.url).update(
+                failures=0, next_try_at=Now(), failing_since=None
+            )
+        logger.warning("django-cdp: the data plane at %s answers again", self.url)
+
+    def endpoint_release(self) -> None:
+        """Give the probe back unused (nothing was due): the next drain may probe at once."""
+        with _bookkeeping(self.using):
+            DeliveryEndpoint.objects.using(self.using).filter(url=self.url, failures__gt=0).update(
+                next_try_at=Now()
+            )
+
+    # Claiming.
+
+    def next_round(self, *, force: bool = False) -> Round | None:
+        """Claim the next batch, as the data plane's state allows; ``None``: nothing to send."""
+        turn = self.endpoint_turn(force=force)
+        if turn is Turn.WAIT:
+            self.result.waiting = 1
+            return None
+        probe = turn is Turn.PROBE
+        token = self.new_token()
+        claimed_at = time.monotonic()
+        batch = claim(
+            self.using,
+            token,
+            max_messages=min(self.limit, PROBE_MESSAGES) if probe else self.limit,
+            max_bytes=self.max_batch_bytes,
+            lease_seconds=self.lease,
+            probe=probe,
+        )
+        if probe and not batch.rows:
+            self.endpoint_release()
+        self.result.claimed += len(batch.rows)
+        self.result.superseded += batch.superseded
+        if batch.rows:
+            self.limit = min(self.max_messages, max(len(batch.rows) * 5 // 4 + 1, 10))
+        return Round(token, batch, claimed_at, probe)
+
+    # Outcomes: each is one transaction with one fenced UPDATE (per attempts value), the
+    # attempt rows of a failed request and the counters of a final status.
 
     def write(
         self,
         token: str,
         rows: Sequence[Claimed],
         attempt: FailedAttempt | None = None,
+        *,
+        forget_traits: bool = False,
         **fields: Any,
     ) -> int:
         """Record an outcome on the rows this claim still owns, and end their lease.
 
         With ``attempt`` (a failed request), the attempt is recorded for the rows in
         the same transaction: one ``bulk_create``, so a failure costs one statement
-        more and a success none.
+        more and a success none. A final ``status`` adds to the hourly counters, and
+        ``forget_traits`` forgets the traits digests the identifies among ``rows``
+        carried, in the same transaction too.
         """
         with _bookkeeping(self.using):
             n = _fenced(self.using, token, rows).update(**fields, **_CLEAR_LEASE)
             if attempt is not None:
                 self.record_attempts(token, rows, attempt, n)
+            if "status" in fields and n:
+                # When the fence lost rows (a lease ran out) the n updated ones are
+                # counted in the hours of the first n: the total is exact, and the
+                # rows of one batch were nearly always written in the same hour.
+                _count(self.using, fields["status"], rows[:n])
+            identifies = [(r.user_id, r.message_id) for r in rows if r.type == IDENTIFY]
+            if forget_traits and identifies:
+                TraitsDigest.objects.using(self.using).forget_identifies(identifies)
             return n
 
     def record_attempts(
@@ -405,8 +696,6 @@ class _Run:
                 _attempt_rows(token, rows, attempt)
             )
 
-    # Outcomes. Each is one fenced UPDATE (per attempts value) and clears the lease.
-
     def mark_sent(self, token: str, rows: Sequence[Claimed], status: int) -> None:
         n = self.write(
             token,
@@ -432,56 +721,67 @@ class _Run:
         ``attempt`` is the failed request, when there was one (an unsendable message
         fails without a request, so it has no attempt row: its reason is ``last_error``).
         """
-        identifies = [r for r in rows if r.type == Message.Type.IDENTIFY]
-        with _bookkeeping(self.using):
-            n = self.write(
-                token,
-                rows,
-                attempt,
-                status=Message.Status.FAILED,
-                last_error=error,
-                last_response_code=status,
-            )
-            if identifies:
-                TraitsDigest.objects.using(self.using).forget_identifies(
-                    [(r.user_id, r.message_id) for r in identifies]
-                )
+        n = self.write(
+            token,
+            rows,
+            attempt,
+            forget_traits=True,
+            status=Message.Status.FAILED,
+            last_error=error,
+            last_response_code=status,
+        )
         self.result.failed += n
         logger.warning("django-cdp: %d message(s) failed for good: %s", n, error[:300])
         _notify(message_failed, self.using, (r.id for r in rows))
 
-    def mark_retry(self, token: str, rows: Sequence[Claimed], resp: transport.Response) -> None:
-        """Back off (429/5xx/network), or dead-letter the rows that are out of attempts."""
+    def mark_retry(
+        self, token: str, rows: Sequence[Claimed], resp: transport.Response, *, probe: bool
+    ) -> None:
+        """429/5xx/no answer: the data plane backs off; the messages wait for it.
+
+        A probe's messages get their attempt back and stay due (the data plane's
+        backoff, not theirs, decides when they go): an outage spends no attempts.
+        The request that met a healthy data plane (the first of an outage, or a
+        message failing on its own while others go) counts the attempt and backs the
+        messages off, or dead-letters the rows that are out of attempts.
+        """
         error = resp.describe()
-        exhausted = [r for r in rows if r.attempts >= self.max_attempts]
-        if exhausted:
-            self.mark_failed(
-                token,
-                exhausted,
-                f"gave up after {self.max_attempts} attempts: {error}",
-                resp.status,
-                FailedAttempt(AttemptOutcome.DEAD_LETTER, resp),
-            )
-        by_attempts: dict[int, list[Claimed]] = {}
-        for r in rows:
-            if r.attempts < self.max_attempts:
-                by_attempts.setdefault(r.attempts, []).append(r)
         retry = FailedAttempt(AttemptOutcome.RETRY, resp)
-        for attempts, group in by_attempts.items():
-            delay = backoff_seconds(attempts, resp.retry_after)
+        if probe:
             self.result.retrying += self.write(
                 token,
-                group,
+                rows,
                 retry,
-                next_attempt_at=Now() + timedelta(seconds=delay),
+                attempts=F("attempts") - 1,
+                next_attempt_at=Now(),
                 last_error=error,
                 last_response_code=resp.status,
             )
-        logger.warning(
-            "django-cdp: data plane did not take %d message(s), retrying later: %s",
-            len(rows),
-            error,
-        )
+        else:
+            exhausted = [r for r in rows if r.attempts >= self.max_attempts]
+            if exhausted:
+                self.mark_failed(
+                    token,
+                    exhausted,
+                    f"gave up after {self.max_attempts} attempts: {error}",
+                    resp.status,
+                    FailedAttempt(AttemptOutcome.DEAD_LETTER, resp),
+                )
+            by_attempts: dict[int, list[Claimed]] = {}
+            for r in rows:
+                if r.attempts < self.max_attempts:
+                    by_attempts.setdefault(r.attempts, []).append(r)
+            for attempts, group in by_attempts.items():
+                delay = backoff_seconds(attempts, resp.retry_after)
+                self.result.retrying += self.write(
+                    token,
+                    group,
+                    retry,
+                    next_attempt_at=Now() + timedelta(seconds=delay),
+                    last_error=error,
+                    last_response_code=resp.status,
+                )
+        self.endpoint_failed(resp)
 
     def mark_config_error(
         self, token: str, rows: Sequence[Claimed], resp: transport.Response
@@ -541,8 +841,44 @@ class _Run:
         kept = set(_fenced(self.using, token, rows).order_by().values_list("id", flat=True))
         return [r for r in rows if r.id in kept]
 
-    def send(self, token: str, rows: list[Claimed], claimed_at: float) -> bool:
-        """Send one claimed batch; split it on 400/413. False means: stop draining."""
+    def post(
+        self, rows: list[Claimed], lease_left: float, meanwhile: Callable[[], None] | None
+    ) -> transport.Response:
+        """POST ``rows``; with ``meanwhile``, run it (the next claim) while the request is out.
+
+        The request runs on the pool's thread and ``meanwhile`` here, so that the
+        database work of the next batch overlaps the network and the data plane's
+        work for this one; all database work stays on this thread (its connection,
+        its transaction).
+        """
+        request = {
+            "write_key": self.write_key,
+            "data_plane_url": self.url,
+            "use_gzip": bool(cdp_settings.GZIP),
+            "connect_timeout": float(cdp_settings.CONNECT_TIMEOUT),
+            "read_timeout": float(cdp_settings.READ_TIMEOUT),
+            "total_timeout": min(self.request_seconds, lease_left),
+        }
+        payloads = [r.payload for r in rows]
+        self.result.requests += 1
+        if meanwhile is None:
+            return transport.post_batch(payloads, **request)
+        future = _sender().submit(transport.post_batch, payloads, **request)
+        meanwhile()
+        return future.result()
+
+    def send(
+        self,
+        token: str,
+        rows: list[Claimed],
+        claimed_at: float,
+        probe: bool,
+        meanwhile: Callable[[], None] | None,
+    ) -> bool:
+        """Send one claimed batch; split it on 400/413. False means: stop draining.
+
+        ``meanwhile`` runs once, while the first request is out (see :meth:`post`).
+        """
         sendable = []
         for row in rows:
             why = self.unsendable(row)
@@ -563,18 +899,12 @@ class _Run:
             # The lease ends no earlier than claimed_at + lease (the claim started after
             # claimed_at); cutting the request there means it never outlives the lease,
             # which is what erasure (and another worker's claim) rely on.
-            lease_left = claimed_at + self.lease - time.monotonic()
-            resp = transport.post_batch(
-                [r.payload for r in part],
-                write_key=self.write_key,
-                data_plane_url=self.url,
-                use_gzip=bool(cdp_settings.GZIP),
-                connect_timeout=float(cdp_settings.CONNECT_TIMEOUT),
-                read_timeout=float(cdp_settings.READ_TIMEOUT),
-                total_timeout=min(self.request_seconds, lease_left),
-            )
-            self.result.requests += 1
+            resp = self.post(part, claimed_at + self.lease - time.monotonic(), meanwhile)
+            meanwhile = None
             outcome = resp.outcome
+            if probe and outcome is not Outcome.RETRY:
+                self.endpoint_answered()
+                probe = False
             if outcome is Outcome.SENT:
                 self.mark_sent(token, part, resp.status or 200)
             elif outcome is Outcome.REFUSED:
@@ -597,13 +927,34 @@ class _Run:
                 if outcome is Outcome.CONFIG:
                     self.mark_config_error(token, rest, resp)
                 else:
-                    self.mark_retry(token, rest, resp)
+                    self.mark_retry(token, rest, resp, probe=probe)
                 return False
+        if meanwhile is not None:
+            meanwhile()  # nothing was sent (all unsendable or erased): claim the next anyway
         return True
 
 
+_sender_lock = threading.Lock()
+_sender_pool: ThreadPoolExecutor | None = None
+_sender_pid: int | None = None
+
+
+def _sender() -> ThreadPoolExecutor:
+    """This process's one request thread (re-created in a forked child, like the HTTP session)."""
+    global _sender_pool, _sender_pid
+    with _sender_lock:
+        if _sender_pool is None or _sender_pid != os.getpid():
+            _sender_pool = ThreadPoolExecutor(1, thread_name_prefix="django-cdp-send")
+            _sender_pid = os.getpid()
+        return _sender_pool
+
+
 def drain(
-    *, using: str = "default", time_budget: float | None = None, worker_id: str | None = None
+    *,
+    using: str = "default",
+    time_budget: float | None = None,
+    worker_id: str | None = None,
+    force: bool = False,
 ) -> DrainResult:
     """Deliver due messages in batches until none is due or ``time_budget`` seconds pass.
 
@@ -611,7 +962,14 @@ def drain(
     claim makes sure each message is in one worker's hands at a time. Must be
     called outside a transaction so that claims and outcomes commit at once.
     With ``SEND = False`` claimed messages become ``skipped``; without a write key
-    or data plane URL nothing is claimed and messages wait as ``pending``.
+    or data plane URL nothing is claimed and messages wait as ``pending``. While
+    the data plane is failing it sends only a probe when its backoff is over;
+    ``force`` sends one even before (``cdp_deliver`` run by hand).
+
+    While a full batch's request is out, the next batch is claimed (only when the
+    data plane is healthy and more is due), so the database and the network work
+    at the same time; a claim made for nothing (the request failed, the budget is
+    spent) is released at once, attempts refunded.
     """
     run = _Run(using, worker_id)
     send = bool(cdp_settings.SEND)
@@ -619,29 +977,29 @@ def drain(
         logger.debug("django-cdp: WRITE_KEY or DATA_PLANE_URL is empty; nothing is sent")
         return run.result
     started = time.monotonic()
-    max_messages = max(1, int(cdp_settings.MAX_BATCH_MESSAGES))
-    limit = max_messages
-    while True:
-        token = run.new_token()
-        claimed_at = time.monotonic()
-        batch = claim(
-            using,
-            token,
-            max_messages=limit,
-            max_bytes=run.max_batch_bytes,
-            lease_seconds=run.lease,
-        )
-        if not batch.rows:
-            break
-        run.result.claimed += len(batch.rows)
-        # Fetch only about as many rows as fit next time (payloads can be large).
-        limit = min(max_messages, max(len(batch.rows) * 5 // 4 + 1, 10))
+    ahead: list[Round | None] = []
+
+    def claim_ahead() -> None:
+        ahead.append(run.next_round())
+
+    def over() -> bool:
+        return time_budget is not None and time.monotonic() - started >= time_budget
+
+    current = run.next_round(force=force)
+    while current is not None:
+        token, batch, claimed_at, probe = current
+        meanwhile = claim_ahead if send and batch.more and not probe and not over() else None
         if not send:
             run.mark_skipped(token, batch.rows)
-        elif not run.send(token, batch.rows, claimed_at):
+            ok = True
+        else:
+            ok = run.send(token, batch.rows, claimed_at, probe, meanwhile)
+        claimed_ahead = bool(ahead)
+        upcoming = ahead.pop() if claimed_ahead else None
+        if not ok or not batch.more or over():
+            if upcoming is not None and upcoming.batch.rows:
+                run.release(upcoming.token, upcoming.batch.rows)
             break
-        if not batch.more:
-            break
-        if time_budget is not None and time.monotonic() - started >= time_budget:
-            break
+        # The send may have ended before its request (a release): then claim now.
+        current = upcoming if claimed_ahead else run.next_round()
     return run.result

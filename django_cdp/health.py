@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 from typing import Any
 
-from django.db.models import Count, Min, Q
-from django.db.models.functions import Substr, TruncHour
+from django.db.models import Count
+from django.db.models.functions import TruncHour
 from django.utils import timezone
 
-from django_cdp.models import Message
+from django_cdp.models import DeliveryCount, DeliveryEndpoint, Message, count_hour
 from django_cdp.settings import cdp_settings
 
 #: Oldest pending message older than this: delivery is stuck (banner and default threshold).
@@ -29,13 +30,19 @@ MAX_FAILURE_RATE = 0.05
 CONFIG_ERROR_CODES = (401, 403, 404)
 #: The write-to-sent delay percentiles are computed over at most this many recent messages.
 DELAY_SAMPLE = 10_000
+#: The most common errors are counted over at most this many dead letters (and as many
+#: pending messages whose last try failed).
+ERROR_SAMPLE = 5_000
+#: A pending message refused for its write key or URL counts while it is due again within
+#: this long (delivery retries those every 30 to 60 s); older ones show as stuck by age.
+REFUSED_WITHIN = timedelta(minutes=10)
 
 WINDOWS: tuple[tuple[str, timedelta], ...] = (
     ("hour", timedelta(hours=1)),
     ("day", timedelta(days=1)),
     ("week", timedelta(days=7)),
 )
-CHART_STATUSES = ("sent", "pending", "failed", "blocked", "skipped")
+CHART_STATUSES = ("sent", "pending", "failed", "blocked", "skipped", "superseded")
 
 
 def mask_secrets(text: str) -> str:
@@ -89,9 +96,15 @@ def delivery_status(
         .values_list("created_at", flat=True)
         .first()
     )
+    # Delivery puts refused rows a few seconds ahead (CONFIG_ERROR_RETRY_SECONDS): read
+    # only the far end of the claim index, not every pending row.
     refused = (
-        qs.filter(status=Message.Status.PENDING, last_response_code__in=CONFIG_ERROR_CODES)
-        .order_by("-id")
+        qs.filter(
+            status=Message.Status.PENDING,
+            next_attempt_at__gte=now - REFUSED_WITHIN,
+            last_response_code__in=CONFIG_ERROR_CODES,
+        )
+        .order_by("-next_attempt_at")
         .values_list("last_response_code", "last_error")
         .first()
     )
@@ -117,6 +130,27 @@ def delivery_status(
     )
 
 
+def data_plane_outage(using: str = "default") -> str | None:
+    """Why the data plane counts as failing, or ``None``: stuck at once, like a wrong key.
+
+    Read from the row delivery keeps per data plane (one query by primary key).
+    """
+    outage = (
+        DeliveryEndpoint.objects.using(using)
+        .filter(url=cdp_settings.DATA_PLANE_URL or "", failures__gt=0)
+        .values_list("failing_since", "failures", "last_error")
+        .first()
+    )
+    if outage is None:
+        return None
+    since, failures, last_error = outage
+    return (
+        f"the data plane has failed since {timezone.localtime(since):%Y-%m-%d %H:%M:%S %Z}"
+        f" ({failures} failed request(s) in a row, last: {mask_secrets(last_error)[:200]}); "
+        "delivery backs off and probes it"
+    )
+
+
 def _fmt_age(age: timedelta) -> str:
     seconds = int(age.total_seconds())
     if seconds < 120:
@@ -135,21 +169,70 @@ def _percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[rank]
 
 
-def window_counts(using: str = "default", now: datetime | None = None) -> dict[str, dict]:
-    """Written/sent/pending/failed per window, in one query bounded by the widest window."""
-    now = now or timezone.now()
-    aggregates: dict[str, Any] = {}
-    for name, span in WINDOWS:
-        since = Q(created_at__gte=now - span)
-        aggregates[f"{name}_written"] = Count("id", filter=since)
-        for status in ("sent", "pending", "failed"):
-            aggregates[f"{name}_{status}"] = Count("id", filter=since & Q(status=status))
+#: The columns of the window table, in order.
+WINDOW_COLUMNS = ("written", "sent", "pending", "failed", "superseded")
+#: Statuses counted from the messages themselves, each query on a partial index.
+_ROW_COUNTED = ((Message.Status.PENDING,), (Message.Status.FAILED, Message.Status.BLOCKED))
+
+
+#: Messages per UTC hour (the hour they were written in) and status.
+Buckets = dict[datetime, dict[str, int]]
+
+
+def _per_hour(using: str, since: datetime) -> Buckets:
+    """Messages written since ``since`` per UTC hour and status, without reading a week of rows.
+
+    Sent, skipped and superseded come from the hourly counters delivery keeps
+    (:class:`~django_cdp.models.DeliveryCount`); pending, failed and blocked from
+    the messages, through the partial indexes that hold only those statuses.
+    """
+    hours: dict[datetime, dict[str, int]] = {}
+    counters = DeliveryCount.objects.using(using).filter(hour__gte=since)
+    for hour, status, n in counters.values_list("hour", "status", "n"):
+        hours.setdefault(count_hour(hour), {})[status] = n
+    for statuses in _ROW_COUNTED:
+        rows = (
+            Message.objects.using(using)
+            .filter(status__in=statuses, created_at__gte=since)
+            .annotate(hour=TruncHour("created_at", tzinfo=dt_timezone.utc))
+            .values("hour", "status")
+            .annotate(n=Count("id"))
+            .order_by()
+        )
+        for r in rows:
+            bucket = hours.setdefault(count_hour(r["hour"]), {})
+            bucket[r["status"]] = bucket.get(r["status"], 0) + r["n"]
+    return hours
+
+
+def week_buckets(using: str = "default", now: datetime | None = None) -> Buckets:
+    """The widest window's hourly buckets, which every figure per window or hour is read from."""
     widest = max(span for _, span in WINDOWS)
-    row = Message.objects.using(using).filter(created_at__gte=now - widest).aggregate(**aggregates)
-    return {
-        name: {k: row[f"{name}_{k}"] for k in ("written", "sent", "pending", "failed")}
-        for name, _ in WINDOWS
-    }
+    return _per_hour(using, count_hour((now or timezone.now()) - widest))
+
+
+def window_counts(
+    using: str = "default", now: datetime | None = None, buckets: Buckets | None = None
+) -> dict[str, dict]:
+    """Written/sent/pending/failed/superseded per window, read from hourly buckets.
+
+    A window starts at the top of the hour its span reaches back to (the "hour"
+    window holds the current and the previous clock hour's messages, at most).
+    """
+    now = now or timezone.now()
+    hours = week_buckets(using, now) if buckets is None else buckets
+    out = {}
+    for name, span in WINDOWS:
+        since = count_hour(now - span)
+        totals: dict[str, int] = {}
+        for hour, counts in hours.items():
+            if hour >= since:
+                for status, n in counts.items():
+                    totals[status] = totals.get(status, 0) + n
+        row = {column: totals.get(column, 0) for column in WINDOW_COLUMNS}
+        row["written"] = sum(totals.values())
+        out[name] = row
+    return out
 
 
 def delays(using: str = "default", now: datetime | None = None) -> dict[str, float | None]:
@@ -166,43 +249,50 @@ def delays(using: str = "default", now: datetime | None = None) -> dict[str, flo
 
 
 def top_errors(using: str = "default", now: datetime | None = None, limit: int = 10) -> list[dict]:
-    """The week's most common failure texts (first 200 characters), with a sample message."""
+    """The most common failure texts (first 200 characters) of the week, with a sample message.
+
+    Over a bounded sample, like the delays: the :data:`ERROR_SAMPLE` most recent dead
+    letters (the attention index, newest first) and the pending messages whose last
+    try failed and that are due again within the last hour or later (the due index
+    from its far end, where backoffs put them), so that a week with a hundred
+    thousand failures costs no more than one with ten.
+    """
     now = now or timezone.now()
-    rows = (
-        Message.objects.using(using)
-        .filter(created_at__gte=now - timedelta(days=7))
-        .exclude(last_error="")
-        .filter(Q(status=Message.Status.FAILED) | Q(status=Message.Status.PENDING))
-        .annotate(error=Substr("last_error", 1, 200))
-        .values("error")
-        .annotate(count=Count("id"), sample_id=Min("id"))
-        .order_by("-count")[:limit]
-    )
-    return [{**r, "error": mask_secrets(r["error"])} for r in rows]
+    recent = Message.objects.using(using).filter(created_at__gte=now - timedelta(days=7))
+    failed = recent.filter(status=Message.Status.FAILED).order_by("-id")
+    # A failed try puts its row ahead (backoff) or, in an outage, due at once: rows due
+    # more than an hour ago have not been tried since, and are not read.
+    retrying = recent.filter(
+        status=Message.Status.PENDING, next_attempt_at__gte=now - timedelta(hours=1)
+    ).order_by("-next_attempt_at")
+    counts: dict[str, list[int]] = {}
+    for queryset in (failed, retrying):
+        for pk, error in queryset.exclude(last_error="").values_list("id", "last_error")[
+            :ERROR_SAMPLE
+        ]:
+            entry = counts.setdefault(error[:200], [0, pk])
+            entry[0] += 1
+            entry[1] = min(entry[1], pk)
+    ranked = sorted(counts.items(), key=lambda item: -item[1][0])[:limit]
+    return [
+        {"error": mask_secrets(error), "count": n, "sample_id": sample}
+        for error, (n, sample) in ranked
+    ]
 
 
-def hourly(using: str = "default", now: datetime | None = None) -> list[dict]:
+def hourly(
+    using: str = "default", now: datetime | None = None, buckets: Buckets | None = None
+) -> list[dict]:
     """Messages per hour by status over the last 24 hours, oldest hour first, gaps filled."""
     now = now or timezone.now()
-    start = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=23)
-    rows = (
-        Message.objects.using(using)
-        .filter(created_at__gte=start)
-        .annotate(hour=TruncHour("created_at", tzinfo=timezone.get_current_timezone()))
-        .values("hour", "status")
-        .annotate(n=Count("id"))
-        .order_by()
-    )
-    buckets: dict[datetime, dict[str, int]] = {}
-    for r in rows:
-        hour = r["hour"].astimezone(timezone.get_current_timezone()).replace(tzinfo=None)
-        buckets.setdefault(hour, {})[r["status"]] = r["n"]
+    start = count_hour(now) - timedelta(hours=23)
+    hours = _per_hour(using, start) if buckets is None else buckets
     out = []
-    local_start = timezone.localtime(start).replace(tzinfo=None)
     for i in range(24):
-        hour = local_start + timedelta(hours=i)
-        counts = buckets.get(hour, {})
-        out.append({"hour": hour, **{s: counts.get(s, 0) for s in CHART_STATUSES}})
+        hour = start + timedelta(hours=i)
+        counts = hours.get(hour, {})
+        local = timezone.localtime(hour).replace(tzinfo=None)
+        out.append({"hour": local, **{s: counts.get(s, 0) for s in CHART_STATUSES}})
     return out
 
 
@@ -212,6 +302,7 @@ CHART_COLORS = {
     "failed": "#c0392b",
     "blocked": "#7f4fa0",
     "skipped": "#999999",
+    "superseded": "#6c8ebf",
 }
 
 
@@ -261,7 +352,12 @@ def report(
     """Everything the health page and ``cdp_health`` show, plus the verdict."""
     now = now or timezone.now()
     status = delivery_status(using, stuck_after=stuck_after, now=now)
-    windows = window_counts(using, now)
+    outage = data_plane_outage(using)
+    if outage:
+        status.ok = False
+        status.reasons.append(outage)
+    buckets = week_buckets(using, now)
+    windows = window_counts(using, now, buckets)
     hour = windows["hour"]
     finished = hour["sent"] + hour["failed"]
     failure_rate = hour["failed"] / finished if finished else 0.0
@@ -274,6 +370,7 @@ def report(
     return {
         "status": status,
         "windows": windows,
+        "hours": hourly(using, now, buckets),
         "failure_rate": failure_rate,
         "delays": delays(using, now),
         "errors": top_errors(using, now),

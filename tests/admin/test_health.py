@@ -12,14 +12,17 @@ from django.urls import reverse
 from django.utils import timezone
 
 from django_cdp import health
-from django_cdp.models import Message
+from django_cdp.models import DeliveryCount, DeliveryEndpoint, Message, count_hour
 from tests.admin.conftest import create_message
 
 HEALTH = reverse("admin:django_cdp_message_health")
+NONE = {"superseded": 0}
 
 
 def _sent(created_ago: timedelta, delay: float, **kw) -> Message:
+    """A sent message, counted as delivery counts it (the health page reads the counters)."""
     created = timezone.now() - created_ago
+    DeliveryCount.objects.add({(count_hour(created), "sent"): 1})
     return create_message(
         status=Message.Status.SENT,
         created_at=created,
@@ -47,9 +50,41 @@ def traffic(db):
 
 def test_window_counts(traffic):
     windows = health.window_counts()
-    assert windows["hour"] == {"written": 13, "sent": 10, "pending": 1, "failed": 2}
-    assert windows["day"] == {"written": 14, "sent": 11, "pending": 1, "failed": 2}
-    assert windows["week"] == {"written": 16, "sent": 12, "pending": 1, "failed": 3}
+    assert windows["hour"] == {"written": 13, "sent": 10, "pending": 1, "failed": 2, **NONE}
+    assert windows["day"] == {"written": 14, "sent": 11, "pending": 1, "failed": 2, **NONE}
+    assert windows["week"] == {"written": 16, "sent": 12, "pending": 1, "failed": 3, **NONE}
+
+
+def test_counts_come_from_the_counters_not_from_the_sent_rows(traffic):
+    # Delivery's counters are the record of sent and superseded messages: the week's
+    # sent rows are never read (nor counted twice), purged rows stay counted.
+    Message.objects.filter(status=Message.Status.SENT).delete()
+    DeliveryCount.objects.add({(count_hour(timezone.now()), "superseded"): 3})
+    windows = health.window_counts()
+    assert windows["hour"] == {
+        "written": 16,
+        "sent": 10,
+        "pending": 1,
+        "failed": 2,
+        "superseded": 3,
+    }
+    hours = health.hourly()
+    assert hours[-1]["superseded"] == 3 and sum(h["sent"] for h in hours) == 11
+
+
+def test_a_failing_data_plane_makes_delivery_stuck_at_once(settings, db):
+    settings.DJANGO_CDP = {**settings.DJANGO_CDP, "DATA_PLANE_URL": "http://127.0.0.1:9"}
+    DeliveryEndpoint.objects.create(url="http://127.0.0.1:9", failures=0)
+    assert health.report()["status"].ok  # a healthy row
+    DeliveryEndpoint.objects.update(
+        failures=4, failing_since=timezone.now(), last_error="HTTP 503: Service Unavailable"
+    )
+    status = health.report()["status"]
+    assert not status.ok
+    assert "the data plane has failed since" in status.message
+    assert "4 failed request(s) in a row, last: HTTP 503: Service Unavailable" in status.message
+    code, out = _run()
+    assert code == 1 and "the data plane has failed since" in out
 
 
 def test_delays_percentiles(traffic):
@@ -169,3 +204,14 @@ def test_command_config_error_exits_1(db, settings):
     assert data["ok"] is False
     assert "the data plane answers 401" in data["reasons"][0]
     assert "sekrit-write-key" not in out
+
+
+def test_superseded_is_a_status_of_the_delivery_log_filter(admin_client_, db):
+    create_message(status=Message.Status.SUPERSEDED, event="", type="identify")
+    create_message(status=Message.Status.SENT)
+    changelist = reverse("admin:django_cdp_message_changelist")
+    html = admin_client_.get(changelist).content.decode()
+    assert "?status__exact=superseded" in html
+    response = admin_client_.get(changelist, {"status__exact": "superseded"})
+    assert response.status_code == 200
+    assert [m.status for m in response.context["cl"].result_list] == ["superseded"]

@@ -22,7 +22,7 @@ from django.utils import timezone
 
 from django_cdp import delivery, transport
 from django_cdp.delivery import drain
-from django_cdp.models import DeliveryAttempt, Message, TraitsDigest
+from django_cdp.models import DeliveryAttempt, DeliveryEndpoint, Message, TraitsDigest
 from tests.delivery.conftest import WRITE_KEY, make_messages, statuses
 
 pytestmark = pytest.mark.django_db
@@ -31,10 +31,11 @@ ATTEMPT_TABLE = DeliveryAttempt._meta.db_table
 
 
 def _make_due() -> None:
-    """Skip the backoff: the rows that wait for a retry are due now."""
+    """Skip the backoff: the rows that wait for a retry, and the data plane, are due now."""
     Message.objects.filter(status="pending").update(
         next_attempt_at=timezone.now() - datetime.timedelta(seconds=1)
     )
+    DeliveryEndpoint.objects.update(next_try_at=timezone.now() - datetime.timedelta(seconds=1))
 
 
 def _attempts(**filters: Any) -> list[DeliveryAttempt]:
@@ -146,6 +147,8 @@ def test_out_of_attempts_records_a_dead_letter_and_forgets_the_traits(configure,
     data_plane.status_sequence.extend([502, 502])
     drain()
     _make_due()
+    # Other messages went through meanwhile: the data plane is healthy, this message is not.
+    DeliveryEndpoint.objects.update(failures=0)
     assert drain().failed == 1
 
     assert Message.objects.get().status == "failed"
@@ -174,11 +177,12 @@ def test_success_writes_no_attempt_and_costs_no_extra_query(configure, data_plan
     queries = _drain_queries()
     assert not any(ATTEMPT_TABLE in sql for sql in queries)
     assert not DeliveryAttempt.objects.exists()
-    # The whole successful drain, the same count as before attempts were recorded: claim
-    # (SELECT, UPDATE) and outcome (UPDATE), each in a savepoint inside the test's
-    # transaction, plus PostgreSQL's SET LOCAL per bookkeeping transaction, plus the
-    # re-read of the claimed rows by id before the request (erasure wins over delivery).
-    expected = {"sqlite": 8, "postgresql": 10}[connection.vendor]
+    # The whole successful drain: the data plane's state (one SELECT), claim (SELECT,
+    # UPDATE) and outcome (UPDATE and the hourly counter's upsert), each in a savepoint
+    # inside the test's transaction, plus PostgreSQL's SET LOCAL per bookkeeping
+    # transaction, plus the re-read of the claimed rows by id before the request
+    # (erasure wins over delivery).
+    expected = {"sqlite": 10, "postgresql": 12}[connection.vendor]
     assert len(queries) == expected, queries
 
 

@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from django_cdp import delivery, transport
 from django_cdp.delivery import claim, drain
-from django_cdp.models import Message, TraitsDigest
+from django_cdp.models import DeliveryEndpoint, Message, TraitsDigest
 from django_cdp.signals import message_failed, message_sent
 from tests.delivery.conftest import make_messages, statuses
 
@@ -206,7 +206,13 @@ def test_server_errors_back_off_and_stop_the_drain(configure, data_plane):
     assert retried.count() == 5
     assert all(m.next_attempt_at > timezone.now() + timedelta(seconds=20) for m in retried)
     assert {m.last_response_code for m in retried} == {503}
-    assert drain().sent == 15  # the others were never claimed, so still due
+    # The others were never claimed, so still due, but the data plane backs off first...
+    assert drain().waiting == 1
+    DeliveryEndpoint.objects.update(next_try_at=timezone.now() - timedelta(seconds=1))
+    # ...then one probe, of rows never tried, and, answered, the rest.
+    result = drain()
+    assert (result.sent, result.requests) == (15, 3)
+    assert not {m.message_id for m in retried} & set(data_plane.requests[1].message_ids)
 
 
 def test_out_of_attempts_dead_letters_and_forgets_the_traits(configure, data_plane):
@@ -281,3 +287,49 @@ def test_sqlite_claim_is_conditional(configure):
     )
     batch = claim("default", "a", max_messages=10, max_bytes=500_000, lease_seconds=60)
     assert len(batch.rows) == 1
+
+
+def test_a_batch_released_before_its_request_does_not_end_the_drain(
+    configure, data_plane, monkeypatch
+):
+    # The first claim is slow (half its lease gone before the request): its rows are given
+    # back unsent, and the drain claims again (the next claim could not overlap a request).
+    configure(MAX_BATCH_MESSAGES=5)
+    make_messages(10)
+    real = delivery._Run.next_round
+    calls = []
+
+    def next_round(self: delivery._Run, **kwargs: Any) -> delivery.Round | None:
+        current = real(self, **kwargs)
+        calls.append(current)
+        if len(calls) == 1 and current is not None:
+            current = current._replace(claimed_at=current.claimed_at - self.lease)
+        return current
+
+    monkeypatch.setattr(delivery._Run, "next_round", next_round)
+    result = drain()
+    assert (result.released, result.sent) == (5, 10)
+    assert statuses() == {"sent": 10}
+
+
+def test_the_next_batch_is_claimed_while_the_request_is_out(configure, data_plane, monkeypatch):
+    configure(MAX_BATCH_MESSAGES=5)
+    make_messages(15)
+    data_plane.delay = 0.2
+    events: list[str] = []
+    real_claim, real_post = delivery.claim, transport.post_batch
+
+    def claim_(*args: Any, **kwargs: Any) -> delivery.Batch:
+        events.append("claim")
+        return real_claim(*args, **kwargs)
+
+    def post_batch(*args: Any, **kwargs: Any) -> transport.Response:
+        response = real_post(*args, **kwargs)
+        events.append("answered")
+        return response
+
+    monkeypatch.setattr(delivery, "claim", claim_)
+    monkeypatch.setattr(transport, "post_batch", post_batch)
+    assert drain().sent == 15
+    # The request of a batch runs on the sender thread while this one claims the next.
+    assert events[:4] == ["claim", "claim", "answered", "claim"]

@@ -2,6 +2,10 @@
 
 For cron (``DELIVERY = "manual"``), for development, and for projects without a
 broker. ``--loop`` keeps draining every ``--interval`` seconds.
+
+Run by hand it always tries: the first drain sends even while the data plane is
+backing off after an outage (a person who runs it wants to know now), later
+rounds of ``--loop`` respect the backoff like the workers.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ class Command(CdpCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         using: str = options["database"]
         if not options["loop"]:
-            self._report(drain(using=using, time_budget=options["time_budget"]), always=True)
+            result = drain(using=using, time_budget=options["time_budget"], force=True)
+            self._report(result, always=True)
             return
         stopping = False
 
@@ -46,9 +51,11 @@ class Command(CdpCommand):
             stopping = True
 
         signal.signal(signal.SIGTERM, stop)
+        force = True
         try:
             while not stopping:
-                result = drain(using=using, time_budget=options["time_budget"] or 60.0)
+                result = drain(using=using, time_budget=options["time_budget"] or 60.0, force=force)
+                force = False
                 self._report(result, always=False)
                 if not result.claimed or result.retrying or result.config_errors:
                     # Nothing due, or the data plane is unhappy: wait before the next round.
