@@ -47,6 +47,7 @@ import os
 import random
 import secrets
 import socket
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence

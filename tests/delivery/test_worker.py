@@ -17,8 +17,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from django_cdp import delivery, retention
 from django_cdp import kick as kick_module
-from django_cdp import retention
 from django_cdp.devserver import DataPlaneServer
 from django_cdp.models import Message
 from tests.delivery.conftest import (
