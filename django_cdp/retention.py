@@ -49,8 +49,8 @@ from django_cdp.models import Message, TraitsDigest
 
 logger = logging.getLogger("django_cdp.retention")
 
-#: Statuses purged by age. Never pending, failed or blocked.
-PURGEABLE = (Message.Status.SENT, Message.Status.SKIPPED)
+#: Statuses purged by age: done with. Never pending, failed or blocked.
+PURGEABLE = (Message.Status.SENT, Message.Status.SKIPPED, Message.Status.SUPERSEDED)
 
 #: Rows per DELETE statement.
 BATCH_SIZE = 5000
@@ -104,7 +104,7 @@ def purge(
 
     With ``dry_run`` it counts instead (one ``COUNT(*)``). The cutoff is fixed
     when the purge starts; the status and age conditions are repeated in every
-    batch, so only rows that are sent or skipped when their batch runs go (those
+    batch, so only rows that are sent, skipped or superseded when their batch runs go (those
     statuses are final: nothing moves a row out of them).
     """
     queryset = purgeable(older_than, using=using)

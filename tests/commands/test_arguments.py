@@ -112,7 +112,7 @@ def test_good_values_still_parse(db):
     )
     assert '"ok": true' in out.getvalue()
     call_command("cdp_purge", "--older-than", "1", "--database", "default", stdout=out)
-    assert "Deleted 0 sent or skipped message(s) older than 1 day(s)" in out.getvalue()
+    assert "Deleted 0 sent, skipped or superseded message(s) older than 1 day(s)" in out.getvalue()
 
 
 @pytest.mark.parametrize(

@@ -268,7 +268,7 @@ def test_purge_deletes_the_attempts_of_purged_messages_in_batches(transactional_
 
     out = _purge("--older-than", "30", "--batch-size", "3")
 
-    assert "Deleted 7 sent or skipped message(s)" in out and "in 3 batch(es)" in out
+    assert "Deleted 7 sent, skipped or superseded message(s)" in out and "in 3 batch(es)" in out
     assert statuses() == {"failed": 2}
     assert sorted(set(DeliveryAttempt.objects.values_list("message_id", flat=True))) == sorted(
         m.pk for m in failed

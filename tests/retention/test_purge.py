@@ -71,7 +71,7 @@ def test_older_than_deletes_only_old_sent_and_skipped_messages(aged):
         ("blocked", 40): 1,
         **{(status, 5): 1 for status in STATUSES},
     }
-    assert "Deleted 2 sent or skipped message(s) older than 30 day(s)" in out
+    assert "Deleted 2 sent, skipped or superseded message(s) older than 30 day(s)" in out
 
 
 def test_pending_failed_and_blocked_are_never_deleted_even_with_one_day(aged):
@@ -80,9 +80,19 @@ def test_pending_failed_and_blocked_are_never_deleted_even_with_one_day(aged):
     assert len(remaining()) == 6
 
 
+def test_old_superseded_identifies_are_purged_like_sent_ones(transactional_db):
+    make("superseded", 40)
+    make("superseded", 5)
+    purge("--older-than", "30")
+    assert remaining() == {("superseded", 5): 1}
+
+
 def test_dry_run_counts_and_deletes_nothing(aged):
     out = purge("--older-than", "30", "--dry-run")
-    assert "Dry run: 2 sent or skipped message(s) older than 30 day(s) would be deleted." in out
+    assert (
+        "Dry run: 2 sent, skipped or superseded message(s) older than 30 day(s) would be deleted."
+        in out
+    )
     assert Message.objects.count() == 10
 
 
@@ -98,7 +108,7 @@ def test_deletes_in_batches_by_id_range(transactional_db):
     deletes = [sql for sql in sqls if sql.startswith('DELETE FROM "django_cdp_message"')]
     assert len(reads) == len(deletes) == 5  # 5 + 5 + 5 + 5 + 3
     assert all('"id" >' in sql and "status" in sql for sql in reads)
-    assert "Deleted 23 sent or skipped message(s)" in out and "in 5 batch(es)" in out
+    assert "Deleted 23 sent, skipped or superseded message(s)" in out and "in 5 batch(es)" in out
     assert Message.objects.filter(status="pending").count() == 2
 
 

@@ -73,13 +73,14 @@ class Command(CdpCommand):
         )
         if dry_run:
             self.stdout.write(
-                f"Dry run: {result.deleted} sent or skipped message(s) older than {age} day(s) "
-                "would be deleted."
+                f"Dry run: {result.deleted} sent, skipped or superseded message(s) older than "
+                f"{age} day(s) would be deleted."
             )
         else:
             self.stdout.write(
-                f"Deleted {result.deleted} sent or skipped message(s) older than {age} day(s) "
-                f"in {result.batches} batch(es). Pending, failed and blocked messages are kept."
+                f"Deleted {result.deleted} sent, skipped or superseded message(s) older than "
+                f"{age} day(s) in {result.batches} batch(es). Pending, failed and blocked "
+                "messages are kept."
             )
 
     def _erase(self, user_id: str, using: str, dry_run: bool) -> None:
