@@ -99,7 +99,7 @@ def test_worker_sweeps_when_it_connects(start_worker, data_plane):
     """Messages written while no worker ran (no kick, no beat) go out when one connects."""
     make_messages(5)
     start_worker(worker_cdp(data_plane), app=RECOMMENDED_APP)
-    assert wait_until(lambda: statuses() == {"sent": 5}, 15), statuses()
+    assert wait_until(lambda: statuses() == {"sent": 5}, 30), statuses()
 
 
 def test_delivery_resumes_within_seconds_of_the_broker_return(
