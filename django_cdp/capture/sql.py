@@ -126,11 +126,11 @@ class Builder:
             )
         return Value(raw)
 
-    def pk_lookup(self, fk: models.Field, row: str) -> str:
-        """``<target pk> = <fk text>::type``: the condition that finds the row ``fk`` points to."""
+    def pk_lookup(self, fk: models.Field, row: str, alias: str) -> str:
+        """``alias.<target pk> = <fk text>::type``: finds the row ``fk`` points to from ``row``."""
         target = fk.target_field
         return (
-            f"{self.quote(target.column)} = "
+            f"{alias}.{self.quote(target.column)} = "
             f"({row}->>{literal(fk.column)})::{target.cast_db_type(self.connection)}"
         )
 
@@ -143,9 +143,7 @@ class Builder:
             fk = current._meta.get_field(part)
             alias = f"hop{depth}"
             target = fk.related_model
-            lookup = self.pk_lookup(fk, current_row).replace(
-                self.quote(fk.target_field.column), f"{alias}.{self.quote(fk.target_field.column)}"
-            )
+            lookup = self.pk_lookup(fk, current_row, alias)
             if depth == 1:
                 joins.append(f"{self.table(target)} {alias}")
                 where = lookup

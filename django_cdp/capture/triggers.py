@@ -593,9 +593,12 @@ def install(using: str, *, force: bool = False) -> list[str]:
     connection = connections[using]
     if connection.vendor != "postgresql":
         return []
-    generator = Generator(connection)
-    wanted = [generator.model_sql(c) for c in engines.trigger_configs(using)]
+    configs = engines.trigger_configs(using)
     installed = _installed(connection)
+    if not configs and not installed:
+        return []  # nothing wanted, nothing to remove (a settings change in most tests)
+    generator = Generator(connection)
+    wanted = [generator.model_sql(c) for c in configs]
     changes: list[str] = []
     statements: list[str] = []
     keep_tables = {w.table for w in wanted}
