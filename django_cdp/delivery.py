@@ -4,9 +4,9 @@ The cycle, repeated by :func:`drain` until nothing is due or the time budget is
 spent:
 
 1. **Claim** (one short transaction): pick due ``pending`` rows, oldest first,
-   with ``SELECT ... FOR UPDATE SKIP LOCKED`` where the backend has it, and move
-   them out of the due set by setting ``next_attempt_at`` and ``locked_until`` to
-   now + lease and ``locked_by`` to this claim's token, counting the attempt
+   with ``SELECT ... FOR UPDATE SKIP LOCKED`` where the backend has it, and lease
+   them: ``locked_until`` = now + lease and ``locked_by`` = this claim's token
+   (a leased row is not due), counting the attempt
    now (so a message that kills its worker still runs out of attempts). The
    row locks end with that transaction; ownership is the lease in the row.
    Identifies are resolved here too: only a user's newest identify is sent, the
@@ -41,6 +41,7 @@ skewed clocks agree on what is due.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import logging
 import os
@@ -55,13 +56,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 from decimal import Decimal
 from typing import Any, NamedTuple
 
 from django.apps import apps
 from django.db import connections, transaction
-from django.db.models import BooleanField, ExpressionWrapper, F, Q
-from django.db.models.functions import Now
+from django.db.models import BooleanField, CharField, ExpressionWrapper, F, Lookup, Q
+from django.db.models.functions import Cast, Now, TruncHour
 
 from django_cdp import transport
 from django_cdp.capture.rows import build_row
@@ -71,7 +73,6 @@ from django_cdp.models import (
     DeliveryEndpoint,
     Message,
     TraitsDigest,
-    count_hour,
 )
 from django_cdp.settings import cdp_settings
 from django_cdp.signals import message_created, message_failed, message_sent
@@ -219,6 +220,15 @@ def _count(using: str, status: str, rows: Iterable[Any]) -> None:
     )
 
 
+#: Due rows: pending, their time has come, and not leased (or the lease ran out). The
+#: claim leaves ``next_attempt_at`` alone and writes only columns no index holds, so
+#: PostgreSQL updates the row in place (HOT, with the table's free space per page:
+#: ``fillfactor``) instead of adding an entry to every index of the table; a leased row
+#: stays in the claim index, where the next claims step over it.
+_DUE = Q(status=PENDING, next_attempt_at__lte=Now()) & (
+    Q(locked_until__isnull=True) | Q(locked_until__lte=Now())
+)
+
 _CLAIM_COLUMNS = (
     "id",
     "message_id",
@@ -229,8 +239,45 @@ _CLAIM_COLUMNS = (
     "xid",
     "source_model",
     "source_pk",
-    "created_at",
+    "hour",
 )
+
+
+#: The hour a message was written in (its counters' bucket), as text: a few distinct
+#: values per batch, parsed once each (:func:`_hour_of`) instead of a datetime per row.
+_HOUR = Cast(TruncHour("created_at", tzinfo=dt_timezone.utc), CharField())
+
+
+@functools.lru_cache(maxsize=64)
+def _hour_of(text: str) -> datetime:
+    """The UTC hour of :data:`_HOUR`'s text (``YYYY-MM-DD HH:00:00``, as both backends write it)."""
+    return datetime.fromisoformat(text[:19]).replace(tzinfo=dt_timezone.utc)
+
+
+class _IdIn(Lookup):
+    """``id IN (ids)`` with the ids as one parameter.
+
+    A batch names a thousand rows or more; as one placeholder each, the statement
+    costs more to build and bind in Python than to run. PostgreSQL takes an array
+    (``= ANY``), SQLite a JSON list (``json_each``).
+    """
+
+    lookup_name = "cdp_id_in"
+    prepare_rhs = False
+
+    def as_sql(self, compiler: Any, connection: Any) -> tuple[str, list[Any]]:
+        lhs, params = compiler.compile(self.lhs)
+        ids = [int(i) for i in self.rhs]
+        if connection.vendor == "postgresql":
+            return f"{lhs} = ANY(%s)", [*params, ids]
+        if connection.vendor == "sqlite":
+            return f"{lhs} IN (SELECT value FROM json_each(%s))", [*params, json.dumps(ids)]
+        return f"{lhs} IN ({', '.join(['%s'] * len(ids)) or 'NULL'})", [*params, *ids]
+
+
+def _ids(ids: Iterable[int]) -> _IdIn:
+    """A filter: the message's id is one of ``ids``."""
+    return _IdIn(F("id"), list(ids))
 
 
 class _Candidate(NamedTuple):
@@ -243,11 +290,7 @@ class _Candidate(NamedTuple):
     xid: int | None
     source_model: str
     source_pk: str
-    created_at: datetime
-
-    @property
-    def hour(self) -> datetime:
-        return count_hour(self.created_at)
+    hour: datetime
 
 
 def claim(
@@ -270,7 +313,7 @@ def claim(
     skip_locked = connections[using].features.has_select_for_update_skip_locked
     budget = max_bytes - transport.ENVELOPE_BYTES
     with _bookkeeping(using):
-        due = Message.objects.using(using).filter(status=PENDING, next_attempt_at__lte=Now())
+        due = Message.objects.using(using).filter(_DUE)
         if skip_locked:
             due = due.select_for_update(skip_locked=True)
         order = (
@@ -279,8 +322,10 @@ def claim(
             else ("next_attempt_at", "id")
         )
         candidates = [
-            _Candidate(*row)
-            for row in due.order_by(*order).values_list(*_CLAIM_COLUMNS)[:max_messages]
+            _Candidate(*row[:-1], _hour_of(row[-1]))
+            for row in due.annotate(hour=_HOUR)
+            .order_by(*order)
+            .values_list(*_CLAIM_COLUMNS)[:max_messages]
         ]
         taken: list[_Candidate] = []
         size = 0
@@ -296,18 +341,16 @@ def claim(
         if not taken:
             return Batch([], more, superseded)
         ids = [row.id for row in taken]
-        lease = Now() + timedelta(seconds=lease_seconds)
         # On PostgreSQL the rows are locked, so the conditions hold; on SQLite they
         # are what makes the claim safe against a concurrent claimer. A row written by
         # a capture trigger is finished now: its transaction is over (xid, capture).
         updated = (
             Message.objects.using(using)
-            .filter(id__in=ids, status=PENDING, next_attempt_at__lte=Now())
+            .filter(_DUE, _ids(ids))
             .update(
                 attempts=F("attempts") + 1,
                 locked_by=token,
-                locked_until=lease,
-                next_attempt_at=lease,
+                locked_until=Now() + timedelta(seconds=lease_seconds),
                 last_attempt_at=Now(),
                 xid=None,
                 capture=None,
@@ -317,7 +360,7 @@ def claim(
         if updated != len(ids):
             attempts = dict(
                 Message.objects.using(using)
-                .filter(id__in=ids, locked_by=token, status=PENDING)
+                .filter(_ids(ids), locked_by=token, status=PENDING)
                 .values_list("id", "attempts")
             )
         rows = [
@@ -360,8 +403,8 @@ def _latest_identifies(
         messages.filter(type=IDENTIFY, user_id__in=users)
         .filter(Q(status=PENDING) | Q(status=Message.Status.SENT, id__gt=min(mine)))
         .exclude(id__in=list(mine))
-        .annotate(leased=leased)
-        .values_list("id", "user_id", "status", "leased", "created_at")
+        .annotate(leased=leased, hour=_HOUR)
+        .values_list("id", "user_id", "status", "leased", "hour")
     )
     newest: dict[str, int] = {}
     for id_, user_id, *_ in [(r.id, r.user_id) for r in mine.values()] + others:
@@ -376,7 +419,7 @@ def _latest_identifies(
         )
     in_flight = {r[1] for r in older if r[3] or r[0] not in lockable}
     superseded = [
-        _Candidate(r[0], "", IDENTIFY, r[1], "", 0, None, "", "", r[4])
+        _Candidate(r[0], "", IDENTIFY, r[1], "", 0, None, "", "", _hour_of(r[4]))
         for r in older
         if r[0] in lockable and not r[3]
     ] + [r for r in mine.values() if r.id < newest[r.user_id]]
@@ -462,7 +505,7 @@ def _fenced(using: str, token: str, rows: Sequence[Claimed]) -> Any:
         by_attempts.setdefault(row.attempts, []).append(row.id)
     match = Q()
     for attempts, ids in by_attempts.items():
-        match |= Q(attempts=attempts, id__in=ids)
+        match |= Q(_ids(ids), attempts=attempts)
     return Message.objects.using(using).filter(match, locked_by=token, status=PENDING)
 
 
@@ -503,7 +546,7 @@ def _attempt_rows(
 def _notify(signal: Any, using: str, ids: Iterable[int]) -> None:
     if not signal.has_listeners(Message):
         return
-    for message in Message.objects.using(using).filter(id__in=list(ids)).order_by("id"):
+    for message in Message.objects.using(using).filter(_ids(ids)).order_by("id"):
         try:
             signal.send(sender=Message, message=message)
         except Exception:  # a user's receiver must not break delivery
@@ -687,7 +730,7 @@ class _Run:
         if updated != len(rows):
             existing = set(
                 Message.objects.using(self.using)
-                .filter(id__in=[r.id for r in rows])
+                .filter(_ids(r.id for r in rows))
                 .select_for_update()
                 .values_list("id", flat=True)
             )
