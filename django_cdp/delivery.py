@@ -96,6 +96,9 @@ OUTAGE_BACKOFF_BASE = 1.0
 OUTAGE_BACKOFF_MAX = 20.0
 #: How long a user's newest identify waits while an older one of that user is in flight.
 IDENTIFY_WAIT_SECONDS = 1.0
+#: A drain whose data plane answered this recently claims without reading the data
+#: plane's row first: its own last request is fresher news than another worker's.
+ENDPOINT_RECHECK_SECONDS = 1.0
 SUPERSEDED_ERROR = "superseded: a newer identify of this user is delivered instead"
 
 _CLEAR_LEASE = {"locked_until": None, "locked_by": ""}
@@ -593,6 +596,10 @@ class _Run:
         self.max_messages = max(1, int(cdp_settings.MAX_BATCH_MESSAGES))
         #: Messages to fetch in the next claim: about as many as fit (payloads can be large).
         self.limit = self.max_messages
+        #: ``time.monotonic()`` of the data plane's last answer to this drain.
+        self.answered_at: float | None = None
+        #: Outcomes of delivered batches not written yet (:meth:`flush`).
+        self.deferred: list[Callable[[], None]] = []
 
     def new_token(self) -> str:
         return f"{self.worker_id}:{secrets.token_hex(4)}"
@@ -659,7 +666,10 @@ class _Run:
 
     def next_round(self, *, force: bool = False) -> Round | None:
         """Claim the next batch, as the data plane's state allows; ``None``: nothing to send."""
-        turn = self.endpoint_turn(force=force)
+        fresh = self.answered_at is not None and (
+            time.monotonic() - self.answered_at < ENDPOINT_RECHECK_SECONDS
+        )
+        turn = Turn.SEND if fresh and not force else self.endpoint_turn(force=force)
         if turn is Turn.WAIT:
             self.result.waiting = 1
             return None
@@ -739,6 +749,11 @@ class _Run:
             DeliveryAttempt.objects.using(self.using).bulk_create(
                 _attempt_rows(token, rows, attempt)
             )
+
+    def flush(self) -> None:
+        """Write the outcomes :meth:`send` deferred (called while the next request is out)."""
+        while self.deferred:
+            self.deferred.pop(0)()
 
     def mark_sent(self, token: str, rows: Sequence[Claimed], status: int) -> None:
         n = self.write(
@@ -918,10 +933,15 @@ class _Run:
         claimed_at: float,
         probe: bool,
         meanwhile: Callable[[], None] | None,
+        *,
+        defer: bool = False,
     ) -> bool:
         """Send one claimed batch; split it on 400/413. False means: stop draining.
 
         ``meanwhile`` runs once, while the first request is out (see :meth:`post`).
+        With ``defer``, a batch delivered whole has its outcome queued for
+        :meth:`flush` instead of written now, so that the write overlaps the next
+        request (the rows stay leased, and fenced, until then).
         """
         sendable = []
         for row in rows:
@@ -946,10 +966,16 @@ class _Run:
             resp = self.post(part, claimed_at + self.lease - time.monotonic(), meanwhile)
             meanwhile = None
             outcome = resp.outcome
+            if outcome is not Outcome.RETRY:
+                self.answered_at = time.monotonic()
             if probe and outcome is not Outcome.RETRY:
                 self.endpoint_answered()
                 probe = False
-            if outcome is Outcome.SENT:
+            if outcome is Outcome.SENT and defer and not work:
+                self.deferred.append(
+                    functools.partial(self.mark_sent, token, part, resp.status or 200)
+                )
+            elif outcome is Outcome.SENT:
                 self.mark_sent(token, part, resp.status or 200)
             elif outcome is Outcome.REFUSED:
                 if len(part) == 1:
@@ -1010,10 +1036,11 @@ def drain(
     the data plane is failing it sends only a probe when its backoff is over;
     ``force`` sends one even before (``cdp_deliver`` run by hand).
 
-    While a full batch's request is out, the next batch is claimed (only when the
-    data plane is healthy and more is due), so the database and the network work
-    at the same time; a claim made for nothing (the request failed, the budget is
-    spent) is released at once, attempts refunded.
+    While a full batch's request is out, the previous batch's outcome is written
+    and the next batch is claimed (only when the data plane is healthy and more is
+    due), so the database and the network work at the same time; a claim made for
+    nothing (the request failed, the budget is spent) is released at once, attempts
+    refunded.
     """
     run = _Run(using, worker_id)
     send = bool(cdp_settings.SEND)
@@ -1023,27 +1050,32 @@ def drain(
     started = time.monotonic()
     ahead: list[Round | None] = []
 
-    def claim_ahead() -> None:
+    def flush_and_claim_ahead() -> None:
+        run.flush()
         ahead.append(run.next_round())
 
     def over() -> bool:
         return time_budget is not None and time.monotonic() - started >= time_budget
 
-    current = run.next_round(force=force)
-    while current is not None:
-        token, batch, claimed_at, probe = current
-        meanwhile = claim_ahead if send and batch.more and not probe and not over() else None
-        if not send:
-            run.mark_skipped(token, batch.rows)
-            ok = True
-        else:
-            ok = run.send(token, batch.rows, claimed_at, probe, meanwhile)
-        claimed_ahead = bool(ahead)
-        upcoming = ahead.pop() if claimed_ahead else None
-        if not ok or not batch.more or over():
-            if upcoming is not None and upcoming.batch.rows:
-                run.release(upcoming.token, upcoming.batch.rows)
-            break
-        # The send may have ended before its request (a release): then claim now.
-        current = upcoming if claimed_ahead else run.next_round()
+    try:
+        current = run.next_round(force=force)
+        while current is not None:
+            token, batch, claimed_at, probe = current
+            more = send and batch.more and not probe and not over()
+            if not send:
+                run.mark_skipped(token, batch.rows)
+                ok = True
+            else:
+                meanwhile = flush_and_claim_ahead if more else run.flush
+                ok = run.send(token, batch.rows, claimed_at, probe, meanwhile, defer=more)
+            claimed_ahead = bool(ahead)
+            upcoming = ahead.pop() if claimed_ahead else None
+            if not ok or not batch.more or over():
+                if upcoming is not None and upcoming.batch.rows:
+                    run.release(upcoming.token, upcoming.batch.rows)
+                break
+            # The send may have ended before its request (a release): then claim now.
+            current = upcoming if claimed_ahead else run.next_round()
+    finally:
+        run.flush()
     return run.result
