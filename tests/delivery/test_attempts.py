@@ -177,12 +177,12 @@ def test_success_writes_no_attempt_and_costs_no_extra_query(configure, data_plan
     queries = _drain_queries()
     assert not any(ATTEMPT_TABLE in sql for sql in queries)
     assert not DeliveryAttempt.objects.exists()
-    # The whole successful drain: the data plane's state (one SELECT), claim (SELECT,
-    # UPDATE) and outcome (UPDATE and the hourly counter's upsert), each in a savepoint
-    # inside the test's transaction, plus PostgreSQL's SET LOCAL per bookkeeping
-    # transaction, plus the re-read of the claimed rows by id before the request
-    # (erasure wins over delivery).
-    expected = {"sqlite": 10, "postgresql": 12}[connection.vendor]
+    # The whole successful drain: the data plane's state (one SELECT), claim (SELECT and
+    # UPDATE; on PostgreSQL one UPDATE ... RETURNING) and outcome (UPDATE and the hourly
+    # counter's upsert), each in a savepoint inside the test's transaction, plus
+    # PostgreSQL's SET LOCAL per bookkeeping transaction, plus the re-read of the claimed
+    # rows by id before the request (erasure wins over delivery).
+    expected = {"sqlite": 10, "postgresql": 11}[connection.vendor]
     assert len(queries) == expected, queries
 
 
