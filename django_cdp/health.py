@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 from typing import Any
 
-from django.db.models import Count
+from django.db.models import Count, DurationField, ExpressionWrapper, F
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
@@ -238,13 +238,17 @@ def window_counts(
 def delays(using: str = "default", now: datetime | None = None) -> dict[str, float | None]:
     """p50/p95 seconds from write to sent, over the last day's most recent sent messages."""
     now = now or timezone.now()
+    # The difference is taken in the database: one duration per row is much cheaper to
+    # load than two timestamps with time zones.
+    delay = ExpressionWrapper(F("sent_at") - F("created_at"), output_field=DurationField())
     rows = (
         Message.objects.using(using)
         .filter(status=Message.Status.SENT, created_at__gte=now - timedelta(days=1))
         .order_by("-id")
-        .values_list("created_at", "sent_at")[:DELAY_SAMPLE]
+        .annotate(delay=delay)
+        .values_list("delay", flat=True)[:DELAY_SAMPLE]
     )
-    values = sorted((sent - created).total_seconds() for created, sent in rows if sent)
+    values = sorted(d.total_seconds() for d in rows if d is not None)
     return {"p50": _percentile(values, 0.5), "p95": _percentile(values, 0.95), "n": len(values)}
 
 
@@ -265,11 +269,13 @@ def top_errors(using: str = "default", now: datetime | None = None, limit: int =
     retrying = recent.filter(
         status=Message.Status.PENDING, next_attempt_at__gte=now - timedelta(hours=1)
     ).order_by("-next_attempt_at")
+    # Dead letters always carry an error: filtering on it would only make the planner
+    # underestimate the rows and prefer a scan of the whole table to the index.
     counts: dict[str, list[int]] = {}
-    for queryset in (failed, retrying):
-        for pk, error in queryset.exclude(last_error="").values_list("id", "last_error")[
-            :ERROR_SAMPLE
-        ]:
+    for queryset in (failed, retrying.exclude(last_error="")):
+        for pk, error in queryset.values_list("id", "last_error")[:ERROR_SAMPLE]:
+            if not error:
+                continue
             entry = counts.setdefault(error[:200], [0, pk])
             entry[0] += 1
             entry[1] = min(entry[1], pk)
