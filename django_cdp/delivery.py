@@ -1134,7 +1134,8 @@ def drain(
                 run.mark_skipped(token, batch.rows)
                 ok = True
             else:
-                meanwhile = flush_and_claim_ahead if more else run.flush
+                # A lone batch (nothing to write or claim meanwhile) is posted on this thread.
+                meanwhile = flush_and_claim_ahead if more else (run.flush if run.deferred else None)
                 ok = run.send(token, batch.rows, claimed_at, probe, meanwhile, defer=more)
             claimed_ahead = bool(ahead)
             upcoming = ahead.pop() if claimed_ahead else None

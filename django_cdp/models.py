@@ -341,9 +341,11 @@ class DeliveryCount(models.Model):
     Delivery adds to it in the transaction that records those outcomes, so the
     health page reads a week of them from at most 168 x 3 small rows instead of
     counting a week of messages (a million rows took 670 ms). The other statuses
-    are counted from the messages themselves, through their partial indexes:
-    ``pending`` (the due index), ``failed`` and ``blocked`` (the attention index),
-    which also the writers set and the admin's requeue changes, and which stay few.
+    are counted from the messages themselves, from their partial indexes alone
+    (index-only scans; both carry ``created_at`` and ``status``): ``pending`` (the
+    due index), ``failed`` and ``blocked`` (the attention index), which also the
+    writers set in the user's transaction (where a shared counter row would make
+    concurrent saves wait for each other) and the admin's requeue changes.
     """
 
     #: The statuses counted here; only delivery sets them.
