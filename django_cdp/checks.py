@@ -27,6 +27,7 @@ the catalog of the database it is given).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from django.conf import settings as django_settings
@@ -95,7 +96,7 @@ def celery_broker_configured() -> bool:
 
 
 def check_outbox_databases(
-    app_configs: Any = None, databases: list[str] | None = None, **kwargs: Any
+    app_configs: Any = None, databases: Sequence[str] | None = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
     """I001 for each database given that holds the outbox and cannot ``SKIP LOCKED``.
 
@@ -167,7 +168,7 @@ def check_capture(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMe
 
 
 def check_triggers(
-    app_configs: Any = None, databases: list[str] | None = None, **kwargs: Any
+    app_configs: Any = None, databases: Sequence[str] | None = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
     """I002 (the engine of each model) and W003 (triggers missing or outdated) per database."""
     from django_cdp.capture import engines, triggers

@@ -56,6 +56,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
+from functools import partial
 from typing import Any, NamedTuple
 
 from django.apps import apps
@@ -852,19 +853,20 @@ class _Run:
         work for this one; all database work stays on this thread (its connection,
         its transaction).
         """
-        request = {
-            "write_key": self.write_key,
-            "data_plane_url": self.url,
-            "use_gzip": bool(cdp_settings.GZIP),
-            "connect_timeout": float(cdp_settings.CONNECT_TIMEOUT),
-            "read_timeout": float(cdp_settings.READ_TIMEOUT),
-            "total_timeout": min(self.request_seconds, lease_left),
-        }
-        payloads = [r.payload for r in rows]
+        send = partial(
+            transport.post_batch,
+            [r.payload for r in rows],
+            write_key=self.write_key,
+            data_plane_url=self.url,
+            use_gzip=bool(cdp_settings.GZIP),
+            connect_timeout=float(cdp_settings.CONNECT_TIMEOUT),
+            read_timeout=float(cdp_settings.READ_TIMEOUT),
+            total_timeout=min(self.request_seconds, lease_left),
+        )
         self.result.requests += 1
         if meanwhile is None:
-            return transport.post_batch(payloads, **request)
-        future = _sender().submit(transport.post_batch, payloads, **request)
+            return send()
+        future = _sender().submit(send)
         meanwhile()
         return future.result()
 

@@ -93,7 +93,7 @@ def check_frontend(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
     if not isinstance(raw, dict) or not raw:
         return []
     key = f"{SETTING_NAME}['FRONTEND']"
-    problems = []
+    problems: list[checks.CheckMessage] = []
 
     def error(msg: str, hint: str) -> None:
         problems.append(checks.Error(msg, hint=hint, id="django_cdp.E011"))

@@ -126,7 +126,7 @@ def check_login(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMess
     if not isinstance(config, dict) or not config:
         return []  # off, or the wrong type (E001)
     key = f"{SETTING_NAME}['LOGIN']"
-    problems = []
+    problems: list[checks.CheckMessage] = []
 
     def error(msg: str, hint: str) -> None:
         problems.append(checks.Error(msg, hint=hint, id="django_cdp.E010"))

@@ -144,7 +144,7 @@ class Message(models.Model):
         return json.loads(self.payload)
 
 
-class TraitsDigestQuerySet(models.QuerySet):
+class TraitsDigestQuerySet(models.QuerySet["TraitsDigest"]):
     """The one place that records and forgets the traits last identified per user.
 
     Writers record a digest with the identify that carries it (:meth:`upsert`);
@@ -159,11 +159,11 @@ class TraitsDigestQuerySet(models.QuerySet):
         if not entries:
             return
         now = timezone.now()
+        rows = [
+            TraitsDigest(user_id=u, digest=d, message_id=m, updated_at=now) for u, d, m in entries
+        ]
         self.bulk_create(
-            [
-                TraitsDigest(user_id=u, digest=d, message_id=m, updated_at=now)
-                for u, d, m in entries
-            ],
+            rows,  # type: ignore[arg-type]  # django-stubs leaves _Model unbound in QuerySet methods called on self
             update_conflicts=True,
             unique_fields=["user_id"],
             update_fields=["digest", "message_id", "updated_at"],

@@ -141,7 +141,7 @@ def _quantize(value: decimal.Decimal, field: models.DecimalField) -> decimal.Dec
 def read_source(instance: models.Model, source: Source) -> Any:
     """The raw value of a property or trait on an instance (FK columns give the id)."""
     if source.kind == "column":
-        return getattr(instance, source.attname)
+        return getattr(instance, source.model_field.attname)
     if source.kind == "attribute":
         value = getattr(instance, source.path)
         return value() if callable(value) else value

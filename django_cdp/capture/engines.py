@@ -63,7 +63,7 @@ class Choice:
 
 def value_field(field: models.Field) -> models.Field:
     """The field whose values a column holds (a foreign key holds its target's)."""
-    while field.is_relation and (field.many_to_one or field.one_to_one):
+    while isinstance(field, models.ForeignKey):
         field = field.target_field
     return field
 

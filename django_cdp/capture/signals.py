@@ -283,13 +283,13 @@ def after_save(instance: models.Model, config: ModelConfig, created: bool, using
         plan = None  # unchanged traits, and no transaction to remember them in
     if row is None and not cancelled and plan is None:
         return
-    if not in_tx and plan is None:
+    if not in_tx and plan is None and row is not None:
         # Autocommit and a single INSERT: atomic by itself, no BEGIN/COMMIT round trips.
         insert(row, using)
         kick(using)
         return
     with writing(using) as tx:
-        if cancelled:
+        if cancelled and entry is not None:  # only a change of this transaction cancels
             discard(tx, entry)
             del tx.changes[key]
         elif row is not None:
@@ -360,7 +360,7 @@ def record_track(
     :class:`~django_cdp.payloads.PayloadError` to the caller, before any SQL, so
     the caller's transaction stays usable.
     """
-    config = registry.get(type(instance))
+    config = registry.config(type(instance))
     converted = {k: payloads.json_value(v, k) for k, v in properties.items()}
     owner, owner_error = owner_or_reason(instance, config, using)
     user_id = owner[1] if owner else None
@@ -384,7 +384,7 @@ def record_track(
 
 
 def record_identify(instance: models.Model, using: str, *, force: bool) -> None:
-    config = registry.get(type(instance))
+    config = registry.config(type(instance))
     owner, owner_error = owner_or_reason(instance, config, using)
     if owner is None:
         minimal = payloads.identify_message(None, {})
@@ -398,8 +398,8 @@ def record_identify(instance: models.Model, using: str, *, force: bool) -> None:
         with writing(using) as tx:
             store(tx, row)
         return
-    instance = instance if config.is_identity else None
-    write_identify(plan_identify(owner, using, force=force, instance=instance), using)
+    own = instance if config.is_identity else None
+    write_identify(plan_identify(owner, using, force=force, instance=own), using)
 
 
 def guarded(action: Callable[..., None], instance: models.Model, *args: Any) -> None:

@@ -60,6 +60,7 @@ from django_cdp.capture.sql import (
     outcome,
     track_message,
 )
+from django_cdp.fields import column
 from django_cdp.models import Message, TraitsDigest
 from django_cdp.registry import CREATED, DELETED, UPDATED, IdentityConfig, ModelConfig, registry
 from django_cdp.settings import SETTING_NAME, cdp_settings
@@ -143,7 +144,7 @@ class Generator:
             if field.primary_key:
                 continue
             if field.attname in values:
-                columns.append(self.q(field.column))
+                columns.append(self.q(column(field)))
                 exprs.append(values[field.attname])
             elif field.db_default is NOT_PROVIDED and not field.null:
                 raise ValueError(f"the trigger engine gives no value to Message.{field.attname}")
@@ -204,7 +205,7 @@ class Generator:
         )
 
     def _identify_call(self, config: ModelConfig, rows: str) -> str:
-        identity = registry.identity
+        identity = registry.configured_identity
         if not (config.identify or config.is_identity):
             return ""
         owner_pk, _ = self.sql.owner(config, identity, "r.j")
@@ -225,7 +226,7 @@ class Generator:
     # --- one model ------------------------------------------------------------------------
 
     def model_sql(self, config: ModelConfig) -> ModelSql:
-        identity = registry.identity
+        identity = registry.configured_identity
         identify = self.identify_sql(identity) if (config.identify or config.is_identity) else ""
         functions = {
             "insert": self._insert_function(config),
@@ -247,7 +248,7 @@ class Generator:
         self, config: ModelConfig, rows: str, extra: str = "", mid: str = "gen_random_uuid()::text"
     ) -> str:
         """SELECT per changed row: its jsonb ``j``, pk, owner, properties and their error."""
-        identity = registry.identity
+        identity = registry.configured_identity
         _, uid = self.sql.owner(config, identity, "r.j")
         props, error = self.sql.properties(config, "r.j")
         return (
@@ -275,7 +276,7 @@ class Generator:
 
     def _update_function(self, config: ModelConfig) -> str:
         label = config.model._meta.label_lower
-        pk = self.q(config.model._meta.pk.column)
+        pk = self.q(column(config.model._meta.pk))
         pairs = (
             f"(SELECT to_jsonb(n) AS j, to_jsonb(o) AS oj FROM new_rows n "
             f"JOIN old_rows o ON o.{pk} = n.{pk})"
@@ -343,7 +344,7 @@ class Generator:
 
     def _delete_function(self, config: ModelConfig) -> str:
         label = config.model._meta.label_lower
-        identity = registry.identity
+        identity = registry.configured_identity
         deleted = "TRUE" if DELETED in config.events else "FALSE"
         where = self.sql.describe(config.model, "m.j")
         built, minimal = self._built(config, DELETED)
@@ -394,7 +395,7 @@ class Generator:
         return [
             f"cur AS (SELECT r.s, {pk_s} AS pk, {uid} AS uid, {traits} AS traits, "
             f"{error} AS err FROM (SELECT to_jsonb(t) AS s FROM {self.sql.table(identity.model)} t "
-            f"WHERE t.{self.q(pk.column)} = "
+            f"WHERE t.{self.q(column(pk))} = "
             f"ANY({owners}::{pk.cast_db_type(self.connection)}[])) r)",
             "dg AS (SELECT cur.*, CASE WHEN cur.err IS NULL THEN md5(cur.traits::text) END "
             "AS digest FROM cur)",
@@ -635,7 +636,7 @@ def install(using: str, *, force: bool = False) -> list[str]:
         return changes
     keep = {function_name(w.config, op) for w in wanted for op in OPERATIONS}
     if wanted:
-        keep.add(identify_function(registry.identity))
+        keep.add(identify_function(registry.configured_identity))
     with transaction.atomic(using=using):
         with connection.cursor() as cursor:
             for statement in statements:

@@ -117,7 +117,8 @@ def cdp_snippet(context: template.Context, nonce: Any = None) -> SafeString:
         return mark_safe("")
     request = context.get("request")
     user = getattr(request, "user", None) or context.get("user")
-    user_id, traits = None, {}
+    user_id: str | None = None
+    traits: dict[str, Any] = {}
     try:
         allowed = config["TRAITS"] if isinstance(config["TRAITS"], list | tuple) else []
         user_id, traits = browser_identity(user, list(allowed))
