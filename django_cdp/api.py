@@ -13,9 +13,9 @@ from typing import Any
 from django.db import models, router
 
 from django_cdp.capture import signals
-from django_cdp.context import tracking_active, tracking_disabled
 from django_cdp.models import Message
 from django_cdp.registry import registry
+from django_cdp.scope import tracking_active, tracking_disabled
 from django_cdp.settings import cdp_settings
 
 __all__ = ["identify", "track", "tracking_disabled"]

@@ -67,9 +67,9 @@ from django_cdp.capture.state import (
     store,
     writing,
 )
-from django_cdp.context import tracking_active
 from django_cdp.models import Message, TraitsDigest
 from django_cdp.registry import CREATED, DELETED, UPDATED, ModelConfig, registry
+from django_cdp.scope import tracking_active
 from django_cdp.settings import SETTING_NAME
 
 logger = logging.getLogger("django_cdp")

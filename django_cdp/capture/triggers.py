@@ -50,6 +50,7 @@ from django.dispatch import receiver
 
 from django_cdp.capture import engines
 from django_cdp.capture.sql import (
+    AMBIENT,
     BODY_TAG,
     OFF_SETTING,
     TIMESTAMP,
@@ -75,7 +76,7 @@ REFERENCING = {
     "delete": "REFERENCING OLD TABLE AS old_rows",
 }
 #: How the generated SQL is laid out: change it and every installed trigger is outdated.
-SQL_VERSION = "1"
+SQL_VERSION = "2"
 #: The data of a minimal message (one that failed to build): none.
 EMPTY = "'{}'::jsonb"
 
@@ -192,7 +193,8 @@ class Generator:
         return (
             f"CREATE OR REPLACE FUNCTION {self.q(name)}({arguments}) RETURNS {returns} "
             f"LANGUAGE plpgsql SECURITY DEFINER {self.options} AS {BODY_TAG}\n"
-            f"DECLARE\n    x bigint;\n    stamp text;\n{declare}BEGIN\n{body}\nEND\n{BODY_TAG};"
+            f"DECLARE\n    x bigint;\n    stamp text;\n    ambient jsonb;\n{declare}BEGIN\n{body}"
+            f"\nEND\n{BODY_TAG};"
         )
 
     def _guard(self) -> str:
@@ -201,6 +203,7 @@ class Generator:
             "        RETURN NULL;\n    END IF;\n"
             "    x := pg_current_xact_id()::text::bigint;\n"
             f"    stamp := {TIMESTAMP};\n"
+            f"    ambient := {AMBIENT};\n"
         )
 
     def _identify_call(self, config: ModelConfig, rows: str) -> str:
@@ -432,9 +435,10 @@ class Generator:
             f"(SELECT d.digest FROM {self.digests} d WHERE d.user_id = dg.uid)"
         )
         ctes = [
-            f"v AS (SELECT pg_current_xact_id()::text::bigint AS x, {TIMESTAMP} AS stamp)",
+            f"v AS (SELECT pg_current_xact_id()::text::bigint AS x, {TIMESTAMP} AS stamp, "
+            f"{AMBIENT} AS ambient)",
             *self._traits_ctes(identity, "%s"),
-            "p AS (SELECT dg.*, gen_random_uuid()::text AS mid, v.x, v.stamp FROM dg, v "
+            "p AS (SELECT dg.*, gen_random_uuid()::text AS mid, v.x, v.stamp, v.ambient FROM dg, v "
             f"WHERE {changed})",
             f"m AS ({self._measured(identify_message('p.uid', 'p.traits'), 'p')})",
             f"inserted AS ({self._insert_messages(values, 'm')} "
@@ -491,6 +495,7 @@ class Generator:
             # Most changes leave the traits as they were: find that out with reads alone.
             f"    IF NOT EXISTS (WITH {', '.join(reads)} SELECT 1 {wanted}) THEN RETURN; END IF;\n"
             f"    stamp := {TIMESTAMP};\n"
+            f"    ambient := {AMBIENT};\n"
             "    WITH " + ",\n    ".join(reads + writes) + "\n"
             f"    INSERT INTO {self.digests} (user_id, digest, message_id, updated_at) "
             "SELECT w.user_id, w.digest, w.message_id, clock_timestamp() FROM written w "
