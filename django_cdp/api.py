@@ -41,7 +41,8 @@ def track(
     ``instance`` is the identity model or any registered model; the userId is
     its owner's. Properties are converted like automatic ones (a value that
     cannot be sent raises ``PayloadError`` naming it). Returns the stored
-    message, or None while tracking is off.
+    message, or None while tracking is off or when the owner has no consent
+    (``CONSENT``: the event is counted as withheld, not stored).
     """
     _check_registered(instance)
     if not isinstance(event, str) or not event:

@@ -48,6 +48,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import NOT_PROVIDED
 from django.dispatch import receiver
 
+from django_cdp import consent
 from django_cdp.capture import engines
 from django_cdp.capture.sql import (
     AMBIENT,
@@ -61,7 +62,7 @@ from django_cdp.capture.sql import (
     outcome,
     track_message,
 )
-from django_cdp.models import Message, TraitsDigest
+from django_cdp.models import Message, TraitsDigest, WithheldCount
 from django_cdp.registry import CREATED, DELETED, UPDATED, IdentityConfig, ModelConfig, registry
 from django_cdp.settings import SETTING_NAME, cdp_settings
 
@@ -131,6 +132,7 @@ class Generator:
         self.q = connection.ops.quote_name
         self.message = self.q(Message._meta.db_table)
         self.digests = self.q(TraitsDigest._meta.db_table)
+        self.withheld = self.q(WithheldCount._meta.db_table)
         self.limit = cdp_settings.MAX_MESSAGE_BYTES
         self.options = function_options(connection)
 
@@ -217,6 +219,12 @@ class Generator:
             "WHERE o IS NOT NULL));\n"
         )
 
+    def _withhold(self, config: ModelConfig, action: str, rows: str) -> str:
+        """The statement counting the ``action`` events of owners without consent in ``rows``."""
+        return consent.sql_withhold(
+            self.sql, config, config.event_name(action), rows, self.withheld
+        )
+
     def _open_entries(self, label: str, kind: str, keys: str) -> str:
         """This transaction's rows of ``label`` objects whose pk is in the ``keys`` query."""
         return (
@@ -255,7 +263,8 @@ class Generator:
         props, error = self.sql.properties(config, "r.j")
         return (
             f"SELECT r.*, {self.sql.pk_text(config.model, 'r.j')} AS pk, {uid} AS uid, "
-            f"{props} AS props, {error} AS err, {mid} AS mid{extra} FROM {rows} r"
+            f"{props} AS props, {error} AS err, {mid} AS mid{extra} "
+            f"FROM {consent.sql_consenting(self.sql, config, rows)} r"
         )
 
     def _insert_function(self, config: ModelConfig) -> str:
@@ -272,6 +281,7 @@ class Generator:
             tracked = self.sql.tracked(config, "r.j")
             source = f"(WITH b AS ({self._base(config, rows, f', {tracked} AS cur')}) {built}) m"
             body += f"    {self._insert_messages(values, source)};\n"
+            body += self._withhold(config, CREATED, rows)
         body += self._identify_call(config, "new_rows")
         body += "    RETURN NULL;"
         return self._function(function_name(config, "insert"), "", body)
@@ -340,6 +350,10 @@ class Generator:
         ]
         insert = self._insert_messages(values, "(SELECT * FROM m WHERE m.entry_id IS NULL) m")
         body = self._guard() + "    WITH " + ",\n    ".join(ctes) + f"\n    {insert};\n"
+        if UPDATED in config.events:
+            changed = f"{self.sql.tracked(config, 'q.j')} IS DISTINCT FROM "
+            changed += self.sql.tracked(config, "q.oj")
+            body += self._withhold(config, UPDATED, f"(SELECT * FROM {pairs} q WHERE {changed})")
         body += self._identify_call(config, "new_rows")
         body += "    RETURN NULL;"
         return self._function(function_name(config, "update"), "", body)
@@ -380,6 +394,8 @@ class Generator:
         body = self._guard() + (
             "    WITH " + ",\n    ".join(ctes) + f"\n    {self._insert_messages(values, 'm')};\n"
         )
+        if DELETED in config.events:
+            body += self._withhold(config, DELETED, "(SELECT to_jsonb(o) AS j FROM old_rows o)")
         if not config.is_identity:
             body += self._identify_call(config, "old_rows")
         body += "    RETURN NULL;"
@@ -398,7 +414,8 @@ class Generator:
             f"cur AS (SELECT r.s, {pk_s} AS pk, {uid} AS uid, {traits} AS traits, "
             f"{error} AS err FROM (SELECT to_jsonb(t) AS s FROM {self.sql.table(identity.model)} t "
             f"WHERE t.{self.q(pk.column)} = "
-            f"ANY({owners}::{pk.cast_db_type(self.connection)}[])) r)",
+            f"ANY({owners}::{pk.cast_db_type(self.connection)}[]) "
+            f"AND {consent.sql_grants(self.sql, identity, 'to_jsonb(t)')}) r)",
             "dg AS (SELECT cur.*, CASE WHEN cur.err IS NULL THEN md5(cur.traits::text) END "
             "AS digest FROM cur)",
         ]
