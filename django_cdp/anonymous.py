@@ -72,17 +72,15 @@ def decode(value: str) -> str | None:
     text = unquote(value).strip()
     try:
         if text.startswith(V3_PREFIX):
-            text = base64.b64decode(text[len(V3_PREFIX) :], validate=True).decode()
+            decoded: object = json.loads(base64.b64decode(text[len(V3_PREFIX) :], validate=True))
         elif text.startswith(LEGACY_PREFIX):
             decrypted = _decrypt_legacy(text[len(LEGACY_PREFIX) :])
-            if decrypted is None:
-                return None
-            text = decrypted
-        if text.startswith('"'):
-            text = json.loads(text)
+            decoded = None if decrypted is None else json.loads(decrypted)
+        else:
+            decoded = json.loads(text) if text.startswith('"') else text
     except (ValueError, binascii.Error, UnicodeDecodeError):
         return None
-    return _valid(text)
+    return _valid(decoded)
 
 
 def _valid(value: object) -> str | None:
