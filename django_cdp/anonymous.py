@@ -32,8 +32,7 @@ import logging
 from collections.abc import Mapping
 from urllib.parse import unquote
 
-from django_cdp.frontend import RUDDERSTACK, SEGMENT
-from django_cdp.settings import cdp_settings
+from django_cdp.frontend import RUDDERSTACK, SEGMENT, frontend_config
 
 logger = logging.getLogger("django_cdp")
 
@@ -48,11 +47,11 @@ MAX_LENGTH = 200
 
 
 def cookie_names() -> tuple[str, ...]:
-    """The cookies read, in order: the configured front end's SDK, or both."""
-    frontend = cdp_settings.FRONTEND
-    sdk = frontend.get("SDK", RUDDERSTACK) if isinstance(frontend, dict) and frontend else None
-    if sdk in COOKIES:
-        return (COOKIES[sdk],)
+    """The cookies read, in order: that of the SDK ``{% cdp_snippet %}`` loads, or both when
+    it renders nothing (the project loads an SDK of its own)."""
+    frontend = frontend_config()
+    if frontend is not None:
+        return (COOKIES[frontend["SDK"]],)
     return (COOKIES[RUDDERSTACK], COOKIES[SEGMENT])
 
 
