@@ -20,7 +20,7 @@ identifies alike; each withheld track is counted per event and hour in
 show them), the message itself is not stored. ``{% cdp_snippet %}`` renders
 nothing for such an owner, and ``cdp_backfill_identify`` skips them.
 Withdrawing consent deletes nothing already written: erasure does
-(``erase_user``, docs/context-and-consent.md).
+(``retention.erase_user``, ``cdp_purge --user-id``; docs/context-and-consent.md).
 """
 
 from __future__ import annotations
