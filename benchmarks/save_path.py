@@ -173,9 +173,9 @@ class Bench:
                 if name == IN_REQUEST
                 else contextlib.nullcontext()
             )
-            with override_settings(DJANGO_CDP={**settings.DJANGO_CDP, "CAPTURE": "triggers"}):
-                with request:
-                    yield
+            capture = {**settings.DJANGO_CDP, "CAPTURE": "triggers"}
+            with override_settings(DJANGO_CDP=capture), request:
+                yield
         elif name == "signals, identify off":
             # What the re-identify's traits read costs a child change: the same plan with
             # "identify": False on Payout.
