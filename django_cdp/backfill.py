@@ -40,7 +40,7 @@ from django.core.exceptions import FieldDoesNotExist
 from django.db import connections, models, transaction
 from django.utils import timezone
 
-from django_cdp import payloads
+from django_cdp import consent, payloads
 from django_cdp.capture import owners
 from django_cdp.capture.rows import build_row
 from django_cdp.kick import request_delivery
@@ -66,7 +66,7 @@ class BackfillResult:
 
     phase: str
     total: int = 0
-    #: Rows looked at so far (queued + unchanged + unsendable + errors + gone).
+    #: Rows looked at so far (queued + unchanged + unsendable + errors + gone + withheld).
     done: int = 0
     queued: int = 0
     #: Identify: traits equal to the last recorded digest. Created: already in the outbox.
@@ -76,6 +76,8 @@ class BackfillResult:
     errors: int = 0
     #: Rows deleted between the count and their batch.
     gone: int = 0
+    #: Identify: owners without consent (``CONSENT``), skipped.
+    withheld: int = 0
     #: The first message that was (or, with ``dry_run``, would be) queued: its payload text.
     sample: str | None = None
 
@@ -307,6 +309,13 @@ def backfill_identify(
     # On PostgreSQL one statement per batch, written once for the run.
     statement = _backfill_sql(using, force) if not dry_run and _in_database(using) else None
     for pks in _batches(queryset, batch_size):
+        allowed = consent.allowed_pks(pks, using)
+        if len(allowed) < len(pks):
+            result.withheld += len(pks) - len(allowed)
+            result.done += len(pks) - len(allowed)
+            pks = [pk for pk in pks if pk in allowed]
+            if not pks:
+                continue
         if statement is not None:
             _identify_in_database(statement, pks, using, result, on_error)
             if on_progress is not None:

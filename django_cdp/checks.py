@@ -9,10 +9,13 @@ Ids are stable (users silence them by id):
   ``E008`` unknown per-model key; ``E009`` broken ``EVENTS`` entry or unknown ``VALIDATION``
   mode; ``E010`` broken ``LOGIN`` (unknown key, owner path or function not found);
   ``E011`` broken ``FRONTEND`` (unknown key or SDK, missing ``SDK_URL``, unknown trait).
+  ``E014`` broken ``REQUEST_CONTEXT`` (unknown key, a value of the wrong kind).
+  ``E015`` ``CONSENT`` names neither a BooleanField of the identity model nor a function.
   ``E013`` a model asks for ``capture = "triggers"`` (or ``CAPTURE``) but the triggers
   cannot compute its mapping there, or ``VALIDATION = "raise"`` with triggers.
 - ``W001`` no write key or data plane URL: messages wait as pending.
 - ``W002`` ``DELIVERY = "celery"`` but no Celery broker configured.
+- ``W004`` RudderStack v1.1 cookies (AES) cannot be read without ``cryptography``.
 - ``I001`` a database that holds the outbox cannot ``SKIP LOCKED``: run a single delivery
   worker. A database check: shown by ``migrate`` and ``check --database <alias>``, not by
   every command.
@@ -34,7 +37,7 @@ from django.conf import settings as django_settings
 from django.core import checks
 from django.db import connections, router
 
-from django_cdp import dictionary, frontend, login
+from django_cdp import consent, dictionary, frontend, login, middleware
 from django_cdp.models import Message
 from django_cdp.registry import DOCS_BASE, SETTINGS_DOC, registry
 from django_cdp.settings import SETTING_NAME, cdp_settings
@@ -212,3 +215,5 @@ def register() -> None:
     checks.register(dictionary.check_plan, "django_cdp")
     checks.register(login.check_login, "django_cdp")
     checks.register(frontend.check_frontend, "django_cdp")
+    checks.register(middleware.check_request_context, "django_cdp")
+    checks.register(consent.check_consent, "django_cdp")

@@ -98,7 +98,7 @@ def on_login(sender: Any, request: Any = None, user: Any = None, **kwargs: Any) 
     if not (isinstance(config, dict) and config.get("owner")):
         return
     from django_cdp.api import identify, track
-    from django_cdp.context import tracking_active
+    from django_cdp.scope import tracking_active
 
     if not tracking_active():
         return

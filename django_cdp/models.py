@@ -358,3 +358,25 @@ class DeliveryCount(models.Model):
 
     def __str__(self) -> str:
         return f"{self.hour:%Y-%m-%d %H}:00 {self.status}: {self.n}"
+
+
+class WithheldCount(models.Model):
+    """How many track events were not written in an hour because their owner has no consent
+    (``DJANGO_CDP["CONSENT"]``): the health page shows them, the messages are never stored.
+
+    Writers only insert (a row per withholding statement or save, summed when read): an
+    upsert of one counter row per hour and event would make concurrent transactions of
+    different owners wait for each other's commit, and could deadlock them.
+    """
+
+    hour = models.DateTimeField(help_text="The UTC hour the events were withheld in.")
+    event = models.CharField(max_length=200)
+    n = models.PositiveIntegerField(default=1)
+
+    class Meta:
+        verbose_name = "withheld count"
+        verbose_name_plural = "withheld counts"
+        indexes = [models.Index(fields=["hour"], name="django_cdp_withheld_hour")]
+
+    def __str__(self) -> str:
+        return f"{self.hour:%Y-%m-%d %H}:00 {self.event}: {self.n}"

@@ -18,7 +18,7 @@ from typing import Any
 from django.db import DatabaseError, connections, models
 from django.db.models import Subquery
 
-from django_cdp import payloads
+from django_cdp import consent, payloads
 from django_cdp.capture import sql
 from django_cdp.capture.engines import identity_blocker
 from django_cdp.capture.rows import build_row
@@ -198,8 +198,11 @@ def plan_identify(
     (in this transaction, or in ``TraitsDigest``), unless ``force`` or
     ``SEND_UNCHANGED_IDENTIFY``. An owner that was never identified (created
     before tracking, or by ``bulk_create``) or whose traits changed behind the
-    ORM has a different digest, so it is identified.
+    ORM has a different digest, so it is identified. An owner without consent
+    (``CONSENT``) is not identified at all.
     """
+    if not consent.allows(owner[0], using):
+        return None
     read = read_traits(owner, using, instance)
     if read is None:
         return None

@@ -67,6 +67,11 @@ def function_options(connection: BaseDatabaseWrapper) -> str:
 
 #: The transaction-local setting ``tracking_disabled()`` sets for the triggers.
 OFF_SETTING = "django_cdp.off"
+#: The transaction-local setting that carries ``django_cdp.context()`` to the triggers:
+#: ``{"context": {...}, "anonymousId": ...}`` (:mod:`django_cdp.scope`).
+CONTEXT_SETTING = "django_cdp.context"
+#: Its value, read once per statement into the variable (or column) ``ambient``.
+AMBIENT = f"NULLIF(current_setting('{CONTEXT_SETTING}', true), '')::jsonb"
 
 
 def literal(value: str) -> str:
@@ -268,15 +273,22 @@ TIMESTAMP = (
 )
 
 
+#: The ``context`` of a message: ``ambient``'s fields, then django-cdp's ``library``.
+CONTEXT = f"(COALESCE(ambient->'context', '{{}}'::jsonb) || {jsonb_literal(LIBRARY)})"
+#: What ``ambient`` adds at the top level of a message (the browser's ``anonymousId``).
+TOP_LEVEL = "COALESCE(ambient - 'context', '{}'::jsonb)"
+
+
 def track_message(event: str, user_id: str, properties: str, integrations: dict | None) -> str:
     """The jsonb of a track, as :func:`django_cdp.payloads.track_message` builds it."""
     return (
-        "jsonb_build_object('type', 'track', 'userId', {uid}, 'messageId', mid, "
+        "(jsonb_build_object('type', 'track', 'userId', {uid}, 'messageId', mid, "
         "'originalTimestamp', stamp, 'channel', 'server', 'context', {ctx}, 'event', {event}, "
-        "'properties', {props}, 'integrations', {integrations})"
+        "'properties', {props}, 'integrations', {integrations}) || {top})"
     ).format(
+        top=TOP_LEVEL,
         uid=user_id,
-        ctx=jsonb_literal(LIBRARY),
+        ctx=CONTEXT,
         event=literal(event),
         props=properties,
         integrations=jsonb_literal(integrations or {"All": True}),
@@ -286,11 +298,11 @@ def track_message(event: str, user_id: str, properties: str, integrations: dict 
 def identify_message(user_id: str, traits: str) -> str:
     """The jsonb of an identify, as :func:`django_cdp.payloads.identify_message` builds it."""
     return (
-        f"jsonb_build_object('type', 'identify', 'userId', {user_id}, 'messageId', mid, "
+        f"(jsonb_build_object('type', 'identify', 'userId', {user_id}, 'messageId', mid, "
         "'originalTimestamp', stamp, 'channel', 'server', "
-        f"'context', {jsonb_literal(LIBRARY)} || jsonb_build_object('traits', {traits}), "
+        f"'context', {CONTEXT} || jsonb_build_object('traits', {traits}), "
         f"'traits', {traits}, "
-        "'integrations', '{\"All\":true}'::jsonb)"
+        f"'integrations', '{{\"All\":true}}'::jsonb) || {TOP_LEVEL})"
     )
 
 

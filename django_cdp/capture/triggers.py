@@ -48,8 +48,10 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import NOT_PROVIDED
 from django.dispatch import receiver
 
+from django_cdp import consent
 from django_cdp.capture import engines
 from django_cdp.capture.sql import (
+    AMBIENT,
     BODY_TAG,
     OFF_SETTING,
     TIMESTAMP,
@@ -61,7 +63,7 @@ from django_cdp.capture.sql import (
     track_message,
 )
 from django_cdp.fields import column
-from django_cdp.models import Message, TraitsDigest
+from django_cdp.models import Message, TraitsDigest, WithheldCount
 from django_cdp.registry import CREATED, DELETED, UPDATED, IdentityConfig, ModelConfig, registry
 from django_cdp.settings import SETTING_NAME, cdp_settings
 
@@ -76,7 +78,7 @@ REFERENCING = {
     "delete": "REFERENCING OLD TABLE AS old_rows",
 }
 #: How the generated SQL is laid out: change it and every installed trigger is outdated.
-SQL_VERSION = "1"
+SQL_VERSION = "2"
 #: The data of a minimal message (one that failed to build): none.
 EMPTY = "'{}'::jsonb"
 
@@ -131,6 +133,7 @@ class Generator:
         self.q = connection.ops.quote_name
         self.message = self.q(Message._meta.db_table)
         self.digests = self.q(TraitsDigest._meta.db_table)
+        self.withheld = self.q(WithheldCount._meta.db_table)
         self.limit = cdp_settings.MAX_MESSAGE_BYTES
         self.options = function_options(connection)
 
@@ -193,7 +196,8 @@ class Generator:
         return (
             f"CREATE OR REPLACE FUNCTION {self.q(name)}({arguments}) RETURNS {returns} "
             f"LANGUAGE plpgsql SECURITY DEFINER {self.options} AS {BODY_TAG}\n"
-            f"DECLARE\n    x bigint;\n    stamp text;\n{declare}BEGIN\n{body}\nEND\n{BODY_TAG};"
+            f"DECLARE\n    x bigint;\n    stamp text;\n    ambient jsonb;\n{declare}BEGIN\n{body}"
+            f"\nEND\n{BODY_TAG};"
         )
 
     def _guard(self) -> str:
@@ -202,6 +206,7 @@ class Generator:
             "        RETURN NULL;\n    END IF;\n"
             "    x := pg_current_xact_id()::text::bigint;\n"
             f"    stamp := {TIMESTAMP};\n"
+            f"    ambient := {AMBIENT};\n"
         )
 
     def _identify_call(self, config: ModelConfig, rows: str) -> str:
@@ -213,6 +218,12 @@ class Generator:
             f"    PERFORM {self.q(identify_function(identity))}(ARRAY(SELECT DISTINCT o FROM "
             f"(SELECT {owner_pk} AS o FROM (SELECT to_jsonb(t) AS j FROM {rows} t) r) q "
             "WHERE o IS NOT NULL));\n"
+        )
+
+    def _withhold(self, config: ModelConfig, action: str, rows: str) -> str:
+        """The statement counting the ``action`` events of owners without consent in ``rows``."""
+        return consent.sql_withhold(
+            self.sql, config, config.event_name(action), rows, self.withheld
         )
 
     def _open_entries(self, label: str, kind: str, keys: str) -> str:
@@ -253,7 +264,8 @@ class Generator:
         props, error = self.sql.properties(config, "r.j")
         return (
             f"SELECT r.*, {self.sql.pk_text(config.model, 'r.j')} AS pk, {uid} AS uid, "
-            f"{props} AS props, {error} AS err, {mid} AS mid{extra} FROM {rows} r"
+            f"{props} AS props, {error} AS err, {mid} AS mid{extra} "
+            f"FROM {consent.sql_consenting(self.sql, config, rows)} r"
         )
 
     def _insert_function(self, config: ModelConfig) -> str:
@@ -270,6 +282,7 @@ class Generator:
             tracked = self.sql.tracked(config, "r.j")
             source = f"(WITH b AS ({self._base(config, rows, f', {tracked} AS cur')}) {built}) m"
             body += f"    {self._insert_messages(values, source)};\n"
+            body += self._withhold(config, CREATED, rows)
         body += self._identify_call(config, "new_rows")
         body += "    RETURN NULL;"
         return self._function(function_name(config, "insert"), "", body)
@@ -338,6 +351,10 @@ class Generator:
         ]
         insert = self._insert_messages(values, "(SELECT * FROM m WHERE m.entry_id IS NULL) m")
         body = self._guard() + "    WITH " + ",\n    ".join(ctes) + f"\n    {insert};\n"
+        if UPDATED in config.events:
+            changed = f"{self.sql.tracked(config, 'q.j')} IS DISTINCT FROM "
+            changed += self.sql.tracked(config, "q.oj")
+            body += self._withhold(config, UPDATED, f"(SELECT * FROM {pairs} q WHERE {changed})")
         body += self._identify_call(config, "new_rows")
         body += "    RETURN NULL;"
         return self._function(function_name(config, "update"), "", body)
@@ -378,6 +395,8 @@ class Generator:
         body = self._guard() + (
             "    WITH " + ",\n    ".join(ctes) + f"\n    {self._insert_messages(values, 'm')};\n"
         )
+        if DELETED in config.events:
+            body += self._withhold(config, DELETED, "(SELECT to_jsonb(o) AS j FROM old_rows o)")
         if not config.is_identity:
             body += self._identify_call(config, "old_rows")
         body += "    RETURN NULL;"
@@ -396,7 +415,8 @@ class Generator:
             f"cur AS (SELECT r.s, {pk_s} AS pk, {uid} AS uid, {traits} AS traits, "
             f"{error} AS err FROM (SELECT to_jsonb(t) AS s FROM {self.sql.table(identity.model)} t "
             f"WHERE t.{self.q(column(pk))} = "
-            f"ANY({owners}::{pk.cast_db_type(self.connection)}[])) r)",
+            f"ANY({owners}::{pk.cast_db_type(self.connection)}[]) "
+            f"AND {consent.sql_grants(self.sql, identity, 'to_jsonb(t)')}) r)",
             "dg AS (SELECT cur.*, CASE WHEN cur.err IS NULL THEN md5(cur.traits::text) END "
             "AS digest FROM cur)",
         ]
@@ -433,9 +453,10 @@ class Generator:
             f"(SELECT d.digest FROM {self.digests} d WHERE d.user_id = dg.uid)"
         )
         ctes = [
-            f"v AS (SELECT pg_current_xact_id()::text::bigint AS x, {TIMESTAMP} AS stamp)",
+            f"v AS (SELECT pg_current_xact_id()::text::bigint AS x, {TIMESTAMP} AS stamp, "
+            f"{AMBIENT} AS ambient)",
             *self._traits_ctes(identity, "%s"),
-            "p AS (SELECT dg.*, gen_random_uuid()::text AS mid, v.x, v.stamp FROM dg, v "
+            "p AS (SELECT dg.*, gen_random_uuid()::text AS mid, v.x, v.stamp, v.ambient FROM dg, v "
             f"WHERE {changed})",
             f"m AS ({self._measured(identify_message('p.uid', 'p.traits'), 'p')})",
             f"inserted AS ({self._insert_messages(values, 'm')} "
@@ -492,6 +513,7 @@ class Generator:
             # Most changes leave the traits as they were: find that out with reads alone.
             f"    IF NOT EXISTS (WITH {', '.join(reads)} SELECT 1 {wanted}) THEN RETURN; END IF;\n"
             f"    stamp := {TIMESTAMP};\n"
+            f"    ambient := {AMBIENT};\n"
             "    WITH " + ",\n    ".join(reads + writes) + "\n"
             f"    INSERT INTO {self.digests} (user_id, digest, message_id, updated_at) "
             "SELECT w.user_id, w.digest, w.message_id, clock_timestamp() FROM written w "
