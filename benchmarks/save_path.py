@@ -21,6 +21,10 @@ suite's ``DJANGO_CDP`` tracking plan, plus ``auditlog``. Variants, all on the sa
   traits (with their digest) costs every child change.
 * **django-cdp triggers**: the same plan captured by the trigger engine (its triggers
   installed for this variant's blocks only).
+* **triggers, request context**: the triggers variant inside the context
+  ``RequestContextMiddleware`` sets for a typical request (IP, user agent, page, locale,
+  request id, anonymousId): each write carries it to the triggers in a
+  ``set_config`` in front of its SQL, and every message gets it.
 * **auditlog**: ``auditlog.register(Payout)`` for the blocks of this variant only
   (unregistered afterwards); django-cdp switched off.
 * **SDK track()**: a hand-written ``post_save`` receiver calling
@@ -61,17 +65,33 @@ DATABASE = "cdp_bench_save_path"
 AMOUNTS = _common.AMOUNTS
 POOL = _common.POOL
 SIGNALS, TRIGGERS = "django-cdp signals", "django-cdp triggers"
+IN_REQUEST = "triggers, request context"
 VARIANTS = (
     "untracked",
     "plain Django",
     SIGNALS,
     "signals, identify off",
     TRIGGERS,
+    IN_REQUEST,
     "auditlog",
     "SDK track()",
 )
 #: The variants that write django-cdp messages (checked at the end).
-TRACKED = (SIGNALS, "signals, identify off", TRIGGERS)
+TRACKED = (SIGNALS, "signals, identify off", TRIGGERS, IN_REQUEST)
+#: What RequestContextMiddleware puts into the context of a typical request.
+REQUEST_CONTEXT = {
+    "ip": "203.0.113.24",
+    "userAgent": "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) AppleWebKit/605.1.15 "
+    "(KHTML, like Gecko) Version/17.5 Safari/605.1.15",
+    "page": {
+        "path": "/payouts/new/",
+        "url": "https://app.example/payouts/new/?utm_source=newsletter",
+        "search": "?utm_source=newsletter",
+        "referrer": "https://app.example/payouts/",
+    },
+    "locale": "en-GB",
+    "requestId": "7f1c9e2a-5b1d-4c43-9a3e-2f4f1d1c8b77",
+}
 OPS = ("create", "update")
 MODES = ("atomic", "autocommit")
 BASELINE = "untracked"
@@ -140,13 +160,21 @@ class Bench:
 
         if name == SIGNALS:
             yield
-        elif name == TRIGGERS:
+        elif name in (TRIGGERS, IN_REQUEST):
             # The same plan captured by triggers: installed on entering (DDL outside the
             # timed ops), removed on leaving, so that no other variant pays for them.
             from django.conf import settings
             from django.test import override_settings
 
-            with override_settings(DJANGO_CDP={**settings.DJANGO_CDP, "CAPTURE": "triggers"}):
+            from django_cdp import scope
+
+            request = (
+                scope.enter(REQUEST_CONTEXT, "39ee7ea5-b6d8-4174-b612-04e1ef3fa952")
+                if name == IN_REQUEST
+                else contextlib.nullcontext()
+            )
+            capture = {**settings.DJANGO_CDP, "CAPTURE": "triggers"}
+            with override_settings(DJANGO_CDP=capture), request:
                 yield
         elif name == "signals, identify off":
             # What the re-identify's traits read costs a child change: the same plan with

@@ -17,6 +17,7 @@ __all__ = [
     "__version__",
     "bulk_create",
     "bulk_update",
+    "context",
     "identify",
     "queryset_update",
     "track",
@@ -26,11 +27,13 @@ __all__ = [
 if TYPE_CHECKING:
     from django_cdp.api import identify, track, tracking_disabled
     from django_cdp.bulk import bulk_create, bulk_update, queryset_update
+    from django_cdp.scope import context
 
 _LAZY = {
     "identify": "django_cdp.api",
     "track": "django_cdp.api",
     "tracking_disabled": "django_cdp.api",
+    "context": "django_cdp.scope",
     "bulk_create": "django_cdp.bulk",
     "bulk_update": "django_cdp.bulk",
     "queryset_update": "django_cdp.bulk",

@@ -72,6 +72,8 @@ class CappedCountPaginator(Paginator):
     the last pages are reached by filtering, not paging.
     """
 
+    object_list: QuerySet  # the admin pages querysets
+
     @cached_property
     def count(self) -> int:
         return min(self.object_list[: COUNT_CAP + 1].count(), COUNT_CAP)

@@ -24,6 +24,8 @@ from django_cdp.registry import registry
 class _ExactFilter(admin.SimpleListFilter):
     """Choices known without reading the table; the choice is matched on an indexed column."""
 
+    parameter_name: str  # every subclass names its column
+
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
         value = self.value()
         return queryset.filter(**{self.parameter_name: value}) if value else queryset
@@ -116,11 +118,17 @@ def filter_parameters(model_admin: admin.ModelAdmin, request: HttpRequest) -> fr
     names: set[str] = set()
     for item in model_admin.get_list_filter(request):
         if isinstance(item, type) and issubclass(item, admin.SimpleListFilter):
-            names.add(item.parameter_name)
-        else:
+            if item.parameter_name:
+                names.add(item.parameter_name)
+        elif isinstance(item, str):
             field = model_admin.opts.get_field(item)
             spec = admin.FieldListFilter.create(
-                field, request, {}, model_admin.model, model_admin, field_path=item
+                field,  # type: ignore[arg-type]  # Django's admin also filters on relations
+                request,
+                {},
+                model_admin.model,
+                model_admin,
+                field_path=item,
             )
-            names.update(spec.expected_parameters())
+            names.update(name for name in spec.expected_parameters() if name)
     return frozenset(names)

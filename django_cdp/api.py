@@ -13,9 +13,9 @@ from typing import Any
 from django.db import models, router
 
 from django_cdp.capture import signals
-from django_cdp.context import tracking_active, tracking_disabled
 from django_cdp.models import Message
 from django_cdp.registry import registry
+from django_cdp.scope import tracking_active, tracking_disabled
 from django_cdp.settings import cdp_settings
 
 __all__ = ["identify", "track", "tracking_disabled"]
@@ -41,7 +41,8 @@ def track(
     ``instance`` is the identity model or any registered model; the userId is
     its owner's. Properties are converted like automatic ones (a value that
     cannot be sent raises ``PayloadError`` naming it). Returns the stored
-    message, or None while tracking is off.
+    message, or None while tracking is off or when the owner has no consent
+    (``CONSENT``: the event is counted as withheld, not stored).
     """
     _check_registered(instance)
     if not isinstance(event, str) or not event:

@@ -40,7 +40,7 @@ from django.core.exceptions import FieldDoesNotExist
 from django.db import connections, models, transaction
 from django.utils import timezone
 
-from django_cdp import payloads
+from django_cdp import consent, payloads
 from django_cdp.capture import owners
 from django_cdp.capture.rows import build_row
 from django_cdp.kick import request_delivery
@@ -66,7 +66,7 @@ class BackfillResult:
 
     phase: str
     total: int = 0
-    #: Rows looked at so far (queued + unchanged + unsendable + errors + gone).
+    #: Rows looked at so far (queued + unchanged + unsendable + errors + gone + withheld).
     done: int = 0
     queued: int = 0
     #: Identify: traits equal to the last recorded digest. Created: already in the outbox.
@@ -76,6 +76,8 @@ class BackfillResult:
     errors: int = 0
     #: Rows deleted between the count and their batch.
     gone: int = 0
+    #: Identify: owners without consent (``CONSENT``), skipped.
+    withheld: int = 0
     #: The first message that was (or, with ``dry_run``, would be) queued: its payload text.
     sample: str | None = None
 
@@ -178,7 +180,7 @@ def _in_database(using: str) -> bool:
 def _backfill_sql(using: str, force: bool) -> str:
     from django_cdp.capture.triggers import Generator
 
-    return Generator(connections[using]).backfill_sql(registry.identity, force=force)
+    return Generator(connections[using]).backfill_sql(registry.configured_identity, force=force)
 
 
 def _identify_in_database(
@@ -210,6 +212,13 @@ def _identify_in_database(
             result.sample = payload
 
 
+def _created_message(
+    message: Callable[[dict[str, Any]], dict[str, Any]], obj: models.Model, config: ModelConfig
+) -> dict[str, Any]:
+    """A backfilled Created track of ``obj`` with its properties as the database holds them."""
+    return message(payloads.properties_of(obj, config))
+
+
 def _read_identities(
     pks: list[Any], using: str, result: BackfillResult, on_error: ErrorHandler | None
 ) -> list[tuple[Any, models.Model | None, owners.Traits]]:
@@ -221,14 +230,16 @@ def _read_identities(
     their trait paths joined and converted in Python. A failure is returned as
     traits that cannot be sent, stored as a failed identify with its reason.
     """
-    identity = registry.identity
+    identity = registry.configured_identity
     if owners.in_database(using) and cdp_settings.ENRICH_MESSAGE is None:
         batch = owners.traits_batch(pks, using)
-        out = [(pk, None, batch[str(pk)]) for pk in pks if str(pk) in batch]
+        out: list[tuple[Any, models.Model | None, owners.Traits]] = [
+            (pk, None, batch[str(pk)]) for pk in pks if str(pk) in batch
+        ]
         result.gone += len(pks) - len(out)
         result.done += len(pks) - len(out)
         return out
-    config = registry.get(identity.model)
+    config = registry.config(identity.model)
     rows_by_pk, broken = _fetch(identity.model, identity.traits, pks, using, result)
     for pk in broken:
         _error(result, on_error, pk, "a foreign key on a trait path points to a missing row")
@@ -238,7 +249,8 @@ def _read_identities(
         if obj is None:
             continue
         try:
-            user_id = owners.resolve_owner(obj, config, using)[1]
+            owner = owners.resolve_owner(obj, config, using)
+            user_id = owner[1] if owner is not None else None
         except Exception as exc:
             read.append((pk, obj, owners.Traits(None, f"owner: {_describe(exc)}", "", None)))
             continue
@@ -251,7 +263,10 @@ def _read_identities(
         .filter(user_id__in=[t.user_id for _, _, t in read if t.user_id])
         .values_list("user_id", "digest")
     )
-    return [(pk, obj, replace(t, stored=stored.get(t.user_id))) for pk, obj, t in read]
+    return [
+        (pk, obj, replace(t, stored=stored.get(t.user_id) if t.user_id else None))
+        for pk, obj, t in read
+    ]
 
 
 def _describe(exc: BaseException) -> str:
@@ -289,11 +304,18 @@ def backfill_identify(
     ``dry_run`` computes everything and writes nothing. ``total`` is what
     ``on_progress(done)`` counts towards (the caller's ``COUNT(*)``).
     """
-    identity = registry.identity
+    identity = registry.configured_identity
     result = BackfillResult("identify", total=total or 0)
     # On PostgreSQL one statement per batch, written once for the run.
     statement = _backfill_sql(using, force) if not dry_run and _in_database(using) else None
     for pks in _batches(queryset, batch_size):
+        allowed = consent.allowed_pks(pks, using)
+        if len(allowed) < len(pks):
+            result.withheld += len(pks) - len(allowed)
+            result.done += len(pks) - len(allowed)
+            pks = [pk for pk in pks if pk in allowed]
+            if not pks:
+                continue
         if statement is not None:
             _identify_in_database(statement, pks, using, result, on_error)
             if on_progress is not None:
@@ -312,7 +334,11 @@ def backfill_identify(
             try:
                 row = build_row(
                     partial(
-                        payloads.identify_message, user_id, traits.values, message_id=message_id
+                        # values is None only with an error, and then build_row keeps the minimal
+                        payloads.identify_message,
+                        user_id,
+                        traits.values or {},
+                        message_id=message_id,
                     ),
                     payloads.identify_message(user_id, {}, message_id=message_id),
                     instance=obj,
@@ -459,7 +485,7 @@ def backfill_created(
             )
             try:
                 row = build_row(
-                    lambda message=message, obj=obj: message(payloads.properties_of(obj, config)),
+                    partial(_created_message, message, obj, config),
                     message({}),
                     instance=obj,
                     source=(config.model, pk),

@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 from django.db import models, router, transaction
 
 from django_cdp.capture import engines, signals
-from django_cdp.context import tracking_active
 from django_cdp.registry import registry
+from django_cdp.scope import tracking_active
 
 M = TypeVar("M", bound=models.Model)
 

@@ -9,10 +9,13 @@ Ids are stable (users silence them by id):
   ``E008`` unknown per-model key; ``E009`` broken ``EVENTS`` entry or unknown ``VALIDATION``
   mode; ``E010`` broken ``LOGIN`` (unknown key, owner path or function not found);
   ``E011`` broken ``FRONTEND`` (unknown key or SDK, missing ``SDK_URL``, unknown trait).
+  ``E014`` broken ``REQUEST_CONTEXT`` (unknown key, a value of the wrong kind).
+  ``E015`` ``CONSENT`` names neither a BooleanField of the identity model nor a function.
   ``E013`` a model asks for ``capture = "triggers"`` (or ``CAPTURE``) but the triggers
   cannot compute its mapping there, or ``VALIDATION = "raise"`` with triggers.
 - ``W001`` no write key or data plane URL: messages wait as pending.
 - ``W002`` ``DELIVERY = "celery"`` but no Celery broker configured.
+- ``W004`` RudderStack v1.1 cookies (AES) cannot be read without ``cryptography``.
 - ``I001`` a database that holds the outbox cannot ``SKIP LOCKED``: run a single delivery
   worker. A database check: shown by ``migrate`` and ``check --database <alias>``, not by
   every command.
@@ -27,13 +30,14 @@ the catalog of the database it is given).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from django.conf import settings as django_settings
 from django.core import checks
 from django.db import connections, router
 
-from django_cdp import dictionary, frontend, login
+from django_cdp import consent, dictionary, frontend, login, middleware
 from django_cdp.models import Message
 from django_cdp.registry import DOCS_BASE, SETTINGS_DOC, registry
 from django_cdp.settings import SETTING_NAME, cdp_settings
@@ -95,7 +99,7 @@ def celery_broker_configured() -> bool:
 
 
 def check_outbox_databases(
-    app_configs: Any = None, databases: list[str] | None = None, **kwargs: Any
+    app_configs: Any = None, databases: Sequence[str] | None = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
     """I001 for each database given that holds the outbox and cannot ``SKIP LOCKED``.
 
@@ -167,7 +171,7 @@ def check_capture(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMe
 
 
 def check_triggers(
-    app_configs: Any = None, databases: list[str] | None = None, **kwargs: Any
+    app_configs: Any = None, databases: Sequence[str] | None = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
     """I002 (the engine of each model) and W003 (triggers missing or outdated) per database."""
     from django_cdp.capture import engines, triggers
@@ -211,3 +215,5 @@ def register() -> None:
     checks.register(dictionary.check_plan, "django_cdp")
     checks.register(login.check_login, "django_cdp")
     checks.register(frontend.check_frontend, "django_cdp")
+    checks.register(middleware.check_request_context, "django_cdp")
+    checks.register(consent.check_consent, "django_cdp")

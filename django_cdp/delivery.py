@@ -268,14 +268,14 @@ class _IdIn(Lookup):
     lookup_name = "cdp_id_in"
     prepare_rhs = False
 
-    def as_sql(self, compiler: Any, connection: Any) -> tuple[str, list[Any]]:
+    def as_sql(self, compiler: Any, connection: Any) -> tuple[str, Any]:
         lhs, params = compiler.compile(self.lhs)
         ids = [int(i) for i in self.rhs]
         if connection.vendor == "postgresql":
-            return f"{lhs} = ANY(%s)", [*params, ids]
+            return f"{lhs} = ANY(%s)", (*params, ids)
         if connection.vendor == "sqlite":
-            return f"{lhs} IN (SELECT value FROM json_each(%s))", [*params, json.dumps(ids)]
-        return f"{lhs} IN ({', '.join(['%s'] * len(ids)) or 'NULL'})", [*params, *ids]
+            return f"{lhs} IN (SELECT value FROM json_each(%s))", (*params, json.dumps(ids))
+        return f"{lhs} IN ({', '.join(['%s'] * len(ids)) or 'NULL'})", (*params, *ids)
 
 
 def _ids(ids: Iterable[int]) -> _IdIn:
@@ -392,7 +392,7 @@ def _lease_in_one_statement(
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         returned = sorted(cursor.fetchall())
-    leased = [_Candidate(*row[2:-1], _hour_of(row[-1])) for row in returned]
+    leased = [_Candidate._make((*row[2:-1], _hour_of(row[-1]))) for row in returned]
     found = returned[0][1] if returned else 0
     return leased, found == limit or len(leased) < found
 
@@ -410,7 +410,7 @@ def _lease_conditionally(
     if skip_locked:
         due = due.select_for_update(skip_locked=True)
     candidates = [
-        _Candidate(*row[:-1], _hour_of(row[-1]))
+        _Candidate._make((*row[:-1], _hour_of(row[-1])))
         for row in due.annotate(hour=_HOUR).values_list(*_CLAIM_COLUMNS)[:limit]
     ]
     taken: list[_Candidate] = []
@@ -978,19 +978,20 @@ class _Run:
         work for this one; all database work stays on this thread (its connection,
         its transaction).
         """
-        request = {
-            "write_key": self.write_key,
-            "data_plane_url": self.url,
-            "use_gzip": bool(cdp_settings.GZIP),
-            "connect_timeout": float(cdp_settings.CONNECT_TIMEOUT),
-            "read_timeout": float(cdp_settings.READ_TIMEOUT),
-            "total_timeout": min(self.request_seconds, lease_left),
-        }
-        payloads = [r.payload for r in rows]
+        send = functools.partial(
+            transport.post_batch,
+            [r.payload for r in rows],
+            write_key=self.write_key,
+            data_plane_url=self.url,
+            use_gzip=bool(cdp_settings.GZIP),
+            connect_timeout=float(cdp_settings.CONNECT_TIMEOUT),
+            read_timeout=float(cdp_settings.READ_TIMEOUT),
+            total_timeout=min(self.request_seconds, lease_left),
+        )
         self.result.requests += 1
         if meanwhile is None:
-            return transport.post_batch(payloads, **request)
-        future = _sender().submit(transport.post_batch, payloads, **request)
+            return send()
+        future = _sender().submit(send)
         meanwhile()
         return future.result()
 

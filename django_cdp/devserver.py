@@ -32,6 +32,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from io import TextIOBase
 from typing import Any, TextIO
 
 #: rudder-server ``Gateway.maxReqSizeInKB`` (4000 KiB), measured after decompression.
@@ -132,7 +133,7 @@ class DataPlaneServer(ThreadingHTTPServer):
         port: int = 0,
         *,
         write_key: str | None = None,
-        out: TextIO | None = None,
+        out: TextIO | TextIOBase | None = None,
         print_json: bool = False,
         max_request_bytes: int = MAX_REQUEST_BYTES,
     ) -> None:
@@ -156,7 +157,7 @@ class DataPlaneServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
+        host, port = self.socket.getsockname()[:2]  # server_address, typed for any family
         return f"http://{host}:{port}"
 
     def start(self) -> DataPlaneServer:

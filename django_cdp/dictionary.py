@@ -26,6 +26,7 @@ from typing import Any
 from django.core import checks
 from django.db import models
 
+from django_cdp.fields import foreign_key
 from django_cdp.registry import ACTIONS, UPDATED, Source, registry
 from django_cdp.settings import SETTING_NAME, cdp_settings
 
@@ -205,11 +206,11 @@ def _source_spec(model: type[models.Model], source: Source) -> PropertySpec:
         attr = getattr(model, source.path, None)
         doc = (getattr(attr, "__doc__", None) or "").strip().splitlines()
         return PropertySpec(source.name, {}, description=doc[0] if doc else "", source=source.path)
-    schema = _field_schema(source.field)
+    schema = _field_schema(source.model_field)
     if source.kind == "path" and "null" not in _types(schema) and _path_nullable(model, source):
         schema = _with_null(schema)
     return PropertySpec(
-        source.name, schema, description=str(source.field.help_text or ""), source=source.path
+        source.name, schema, description=str(source.model_field.help_text or ""), source=source.path
     )
 
 
@@ -217,7 +218,7 @@ def _path_nullable(model: type[models.Model], source: Source) -> bool:
     """A path is None when any foreign key along it is null."""
     current = model
     for part in source.path.split("__")[:-1]:
-        f = current._meta.get_field(part)
+        f = foreign_key(current, part)
         if f.null:
             return True
         current = f.related_model
@@ -226,7 +227,7 @@ def _path_nullable(model: type[models.Model], source: Source) -> bool:
 
 def _base_schema(f: models.Field) -> dict[str, Any]:
     """The JSON Schema of a non-null value of ``f``, as ``payloads.json_value`` writes it."""
-    if f.is_relation and f.concrete and (f.many_to_one or f.one_to_one):
+    if isinstance(f, models.ForeignKey):
         return _base_schema(f.target_field)
     # Subclasses before their bases: DateTimeField is a DateField.
     if isinstance(f, models.DateTimeField):

@@ -12,7 +12,7 @@ from typing import Any
 from django.core import checks
 from django.core.serializers.json import DjangoJSONEncoder
 
-from django_cdp import payloads
+from django_cdp import consent, payloads
 from django_cdp.login import owner_of
 from django_cdp.registry import registry
 from django_cdp.settings import SETTING_NAME, cdp_settings
@@ -74,12 +74,15 @@ def frontend_config() -> dict[str, Any] | None:
     return config
 
 
-def browser_identity(user: Any, allowed: list[str]) -> tuple[str | None, dict[str, Any]]:
-    """The userId and allowlisted traits of ``user``'s owner, as the backend would send them."""
+def browser_identity(user: Any, allowed: list[str]) -> tuple[str | None, dict[str, Any]] | None:
+    """The userId and allowlisted traits of ``user``'s owner, as the backend would send them;
+    None when the owner has no consent (``CONSENT``): then the page gets no SDK at all."""
     owner = owner_of(user)
     identity = registry.identity
     if owner is None or identity is None:
         return None, {}
+    if not consent.allows_owner(owner):
+        return None
     user_id = getattr(owner, identity.user_id_field.attname)
     if user_id is None or str(user_id) == "":
         return None, {}
@@ -93,7 +96,7 @@ def check_frontend(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
     if not isinstance(raw, dict) or not raw:
         return []
     key = f"{SETTING_NAME}['FRONTEND']"
-    problems = []
+    problems: list[checks.CheckMessage] = []
 
     def error(msg: str, hint: str) -> None:
         problems.append(checks.Error(msg, hint=hint, id="django_cdp.E011"))

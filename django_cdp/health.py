@@ -15,11 +15,11 @@ from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 from typing import Any
 
-from django.db.models import Count, DurationField, ExpressionWrapper, F
+from django.db.models import Count, DurationField, ExpressionWrapper, F, Sum
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
-from django_cdp.models import DeliveryCount, DeliveryEndpoint, Message, count_hour
+from django_cdp.models import DeliveryCount, DeliveryEndpoint, Message, WithheldCount, count_hour
 from django_cdp.settings import cdp_settings
 
 #: Oldest pending message older than this: delivery is stuck (banner and default threshold).
@@ -286,6 +286,29 @@ def top_errors(using: str = "default", now: datetime | None = None, limit: int =
     ]
 
 
+def withheld(using: str = "default", now: datetime | None = None) -> list[dict]:
+    """Track events not written for want of consent, per event: counts of the last hour, day
+    and week (the windows of :data:`WINDOWS`), most withheld first. Summed from
+    :class:`~django_cdp.models.WithheldCount` by hour (its index), never from messages."""
+    now = now or timezone.now()
+    widest = max(span for _, span in WINDOWS)
+    rows = (
+        WithheldCount.objects.using(using)
+        .filter(hour__gte=count_hour(now - widest))
+        .values("hour", "event")
+        .annotate(total=Sum("n"))
+        .order_by()
+    )
+    events: dict[str, dict[str, int]] = {}
+    for row in rows:
+        counts = events.setdefault(row["event"], {name: 0 for name, _ in WINDOWS})
+        for name, span in WINDOWS:
+            if row["hour"] >= count_hour(now - span):
+                counts[name] += row["total"]
+    ranked = sorted(events.items(), key=lambda item: (-item[1]["week"], item[0]))
+    return [{"event": event, **counts} for event, counts in ranked]
+
+
 def hourly(
     using: str = "default", now: datetime | None = None, buckets: Buckets | None = None
 ) -> list[dict]:
@@ -380,5 +403,6 @@ def report(
         "failure_rate": failure_rate,
         "delays": delays(using, now),
         "errors": top_errors(using, now),
+        "withheld": withheld(using, now),
         "now": now,
     }

@@ -98,7 +98,7 @@ def on_login(sender: Any, request: Any = None, user: Any = None, **kwargs: Any) 
     if not (isinstance(config, dict) and config.get("owner")):
         return
     from django_cdp.api import identify, track
-    from django_cdp.context import tracking_active
+    from django_cdp.scope import tracking_active
 
     if not tracking_active():
         return
@@ -126,7 +126,7 @@ def check_login(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMess
     if not isinstance(config, dict) or not config:
         return []  # off, or the wrong type (E001)
     key = f"{SETTING_NAME}['LOGIN']"
-    problems = []
+    problems: list[checks.CheckMessage] = []
 
     def error(msg: str, hint: str) -> None:
         problems.append(checks.Error(msg, hint=hint, id="django_cdp.E010"))

@@ -150,7 +150,7 @@ class Message(models.Model):
         return json.loads(self.payload)
 
 
-class TraitsDigestQuerySet(models.QuerySet):
+class TraitsDigestQuerySet(models.QuerySet["TraitsDigest"]):
     """The one place that records and forgets the traits last identified per user.
 
     Writers record a digest with the identify that carries it (:meth:`upsert`);
@@ -165,11 +165,11 @@ class TraitsDigestQuerySet(models.QuerySet):
         if not entries:
             return
         now = timezone.now()
+        rows = [
+            TraitsDigest(user_id=u, digest=d, message_id=m, updated_at=now) for u, d, m in entries
+        ]
         self.bulk_create(
-            [
-                TraitsDigest(user_id=u, digest=d, message_id=m, updated_at=now)
-                for u, d, m in entries
-            ],
+            rows,  # type: ignore[arg-type]  # django-stubs leaves _Model unbound in QuerySet methods called on self
             update_conflicts=True,
             unique_fields=["user_id"],
             update_fields=["digest", "message_id", "updated_at"],
@@ -366,3 +366,25 @@ class DeliveryCount(models.Model):
 
     def __str__(self) -> str:
         return f"{self.hour:%Y-%m-%d %H}:00 {self.status}: {self.n}"
+
+
+class WithheldCount(models.Model):
+    """How many track events were not written in an hour because their owner has no consent
+    (``DJANGO_CDP["CONSENT"]``): the health page shows them, the messages are never stored.
+
+    Writers only insert (a row per withholding statement or save, summed when read): an
+    upsert of one counter row per hour and event would make concurrent transactions of
+    different owners wait for each other's commit, and could deadlock them.
+    """
+
+    hour = models.DateTimeField(help_text="The UTC hour the events were withheld in.")
+    event = models.CharField(max_length=200)
+    n = models.PositiveIntegerField(default=1)
+
+    class Meta:
+        verbose_name = "withheld count"
+        verbose_name_plural = "withheld counts"
+        indexes = [models.Index(fields=["hour"], name="django_cdp_withheld_hour")]
+
+    def __str__(self) -> str:
+        return f"{self.hour:%Y-%m-%d %H}:00 {self.event}: {self.n}"

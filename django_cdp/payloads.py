@@ -25,7 +25,7 @@ from django.db import models
 from django.utils import timezone
 from django.utils.functional import Promise
 
-from django_cdp import __version__
+from django_cdp import __version__, scope
 from django_cdp.registry import ModelConfig, Source
 from django_cdp.settings import cdp_settings
 
@@ -141,7 +141,7 @@ def _quantize(value: decimal.Decimal, field: models.DecimalField) -> decimal.Dec
 def read_source(instance: models.Model, source: Source) -> Any:
     """The raw value of a property or trait on an instance (FK columns give the id)."""
     if source.kind == "column":
-        return getattr(instance, source.attname)
+        return getattr(instance, source.model_field.attname)
     if source.kind == "attribute":
         value = getattr(instance, source.path)
         return value() if callable(value) else value
@@ -209,14 +209,23 @@ def properties_of(
 def _base(
     kind: str, user_id: str | None, when: datetime.datetime | None, message_id: str | None
 ) -> dict[str, Any]:
-    return {
+    """The fields every message has; with the current :func:`django_cdp.context` (and the
+    request's ``anonymousId``), whose fields never replace ``library``."""
+    ambient = scope.current()
+    message = {
         "type": kind,
         "userId": user_id,
         "messageId": message_id or new_message_id(),
         "originalTimestamp": iso_timestamp(when or timezone.now()),
         "channel": "server",
-        "context": {"library": {"name": LIBRARY_NAME, "version": __version__}},
+        "context": {
+            **ambient.context,
+            "library": {"name": LIBRARY_NAME, "version": __version__},
+        },
     }
+    if ambient.anonymous_id is not None:
+        message["anonymousId"] = ambient.anonymous_id
+    return message
 
 
 def new_message_id() -> str:

@@ -17,13 +17,14 @@ from typing import Any
 
 from django.apps import apps
 from django.core import checks
-from django.core.exceptions import FieldDoesNotExist
+from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
 from django.core.signals import setting_changed
 from django.db import models
 from django.dispatch import receiver
 from django.utils import translation
 from django.utils.functional import cached_property
 
+from django_cdp.fields import foreign_key
 from django_cdp.settings import (
     IMPORT_STRINGS,
     SETTING_NAME,
@@ -66,6 +67,13 @@ class Source:
     @property
     def attname(self) -> str | None:
         return self.field.attname if self.field is not None else None
+
+    @property
+    def model_field(self) -> models.Field:
+        """The field of a ``column`` or ``path`` source (an ``attribute`` has none)."""
+        if self.field is None:
+            raise TypeError(f"{self.path!r} is an attribute, not a field")
+        return self.field
 
 
 @dataclass(frozen=True)
@@ -114,7 +122,7 @@ class ModelConfig:
         """The local FK column holding the owner's pk, when the owner is one hop away."""
         if self.owner_path is None or "__" in self.owner_path:
             return None
-        return self.model._meta.get_field(self.owner_path).attname
+        return foreign_key(self.model, self.owner_path).attname
 
     def event_name(self, action: str) -> str:
         return self.event_names[action]
@@ -139,12 +147,34 @@ class Registry:
         return self._get().identity
 
     @property
+    def configured_identity(self) -> IdentityConfig:
+        """The identity, for code that runs only for a registered model.
+
+        A model is captured only under a parsed ``IDENTITY``; should that ever not
+        hold, this names the setting instead of failing on ``None`` further down.
+        """
+        identity = self._get().identity
+        if identity is None:
+            raise ImproperlyConfigured(
+                f"{SETTING_NAME}['IDENTITY'] is missing or broken: see `manage.py check` "
+                "(django_cdp.E002)."
+            )
+        return identity
+
+    @property
     def problems(self) -> list[checks.CheckMessage]:
         return list(self._get().problems)
 
     def get(self, model: type[models.Model]) -> ModelConfig | None:
         """The config of a registered model (or of the identity model's implicit entry)."""
         return self._get().models.get(model)
+
+    def config(self, model: type[models.Model]) -> ModelConfig:
+        """The config of a model the caller knows to be registered."""
+        config = self.get(model)
+        if config is None:
+            raise TypeError(f"{model._meta.label} is not registered in {SETTING_NAME}")
+        return config
 
     def __iter__(self) -> Iterator[ModelConfig]:
         return iter(self._get().models.values())
@@ -502,9 +532,9 @@ def _parse_model(
             continue  # computed: sent with its current value, not compared
         # A path's change is detected on its local FK column (where the path leads).
         local = (
-            source.field
+            source.model_field
             if source.kind == "column"
-            else model._meta.get_field(source.path.split("__", 1)[0])
+            else foreign_key(model, source.path.split("__", 1)[0])
         )
         tracked.setdefault(local.attname, []).append(source.name)
         column_fields[local.attname] = local
@@ -550,11 +580,12 @@ def fk_path_problem(
     or ``None`` when it does."""
     if not isinstance(path, str) or not path:
         return "it must be a non-empty string"
-    current: type[models.Model] | None = model
+    current = model
     for part in path.split("__"):
-        current, why = _hop(current, part, reverse_one_to_one=reverse_one_to_one)
-        if current is None:
+        reached, why = _hop(current, part, reverse_one_to_one=reverse_one_to_one)
+        if reached is None:
             return why
+        current = reached
     if current is not target:
         return f"it leads to {current._meta.label}"
     return None
@@ -671,11 +702,12 @@ def _resolve_source(model: type[models.Model], name: Any, path: Any) -> Source |
         return "the source is not a non-empty string."
     # A dunder name such as "__str__" is an attribute, not a path.
     *hops, last = [path] if path.startswith("__") and path.endswith("__") else path.split("__")
-    current: type[models.Model] | None = model
+    current = model
     for part in hops:
-        current, why = _hop(current, part)
-        if current is None:
+        reached, why = _hop(current, part)
+        if reached is None:
             return f"{why}."
+        current = reached
     if hops:
         f, why = _field(current, last)
     else:

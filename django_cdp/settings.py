@@ -109,6 +109,18 @@ SETTINGS: dict[str, Setting] = {
     "FRONTEND": Setting(
         {}, (dict,), "The browser source of {% cdp_snippet %}: WRITE_KEY, DATA_PLANE_URL, ..."
     ),
+    "REQUEST_CONTEXT": Setting(
+        {},
+        (dict,),
+        "What RequestContextMiddleware adds to messages: {'ip', 'user_agent', 'page', 'locale', "
+        "'request_id_header', 'anonymous_id', 'trusted_proxies'}.",
+    ),
+    "CONSENT": Setting(
+        None,
+        (str, type(None)),
+        "Whose messages are written: a boolean field path on the identity model "
+        "('analytics_opt_in'), or a dotted path to a function of the owner returning a bool.",
+    ),
     "CAPTURE": Setting(
         "auto",
         (str,),

@@ -16,6 +16,7 @@ from typing import Any
 from django.db import connections, models
 from django.db.models.expressions import DatabaseDefault
 
+from django_cdp.fields import column
 from django_cdp.models import Message
 
 # Vendors whose INSERT ... RETURNING Django writes as plain SQL with no extra parameters.
@@ -44,11 +45,11 @@ def insert_message(row: Message, using: str) -> None:
     sql = _inserts.get(key)
     if sql is None:
         opts, quote_name = Message._meta, connection.ops.quote_name
-        columns = ", ".join(quote_name(f.column) for f in fields)
+        columns = ", ".join(quote_name(column(f)) for f in fields)
         placeholders = ", ".join(["%s"] * len(fields))
         sql = _inserts[key] = (
             f"INSERT INTO {quote_name(opts.db_table)} ({columns}) VALUES ({placeholders}) "
-            f"RETURNING {quote_name(opts.pk.column)}"
+            f"RETURNING {quote_name(column(opts.pk))}"
         )
     params = [f.get_db_prep_save(getattr(row, f.attname), connection) for f in fields]
     with connection.cursor() as cursor:

@@ -44,6 +44,9 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # The request's IP, user agent, page, locale, request id and the browser SDK's
+    # anonymousId, in the context of every message written while it is handled.
+    "django_cdp.middleware.RequestContextMiddleware",
 ]
 
 ROOT_URLCONF = "example_project.urls"
@@ -130,6 +133,10 @@ DJANGO_CDP = {
         "SDK_URL": env("CDP_SDK_URL", default=""),
         "TRAITS": ["domain"],
     },
+    # Behind one reverse proxy (nginx) set "trusted_proxies": 1 to read X-Forwarded-For.
+    "REQUEST_CONTEXT": {"trusted_proxies": env.int("CDP_TRUSTED_PROXIES", default=0)},
+    # A merchant who opted out of product analytics is not tracked at all.
+    "CONSENT": "analytics_opt_in",
 }
 
 # django-cdp's lines reach the console through the root logger's handler, the only one they

@@ -18,6 +18,7 @@ from django.core.signals import setting_changed
 from django.db import connections, models, router
 from django.dispatch import receiver
 
+from django_cdp import consent
 from django_cdp.registry import IdentityConfig, ModelConfig, Source, registry
 from django_cdp.settings import SETTING_NAME, cdp_settings
 
@@ -63,7 +64,7 @@ class Choice:
 
 def value_field(field: models.Field) -> models.Field:
     """The field whose values a column holds (a foreign key holds its target's)."""
-    while field.is_relation and (field.many_to_one or field.one_to_one):
+    while isinstance(field, models.ForeignKey):
         field = field.target_field
     return field
 
@@ -103,8 +104,10 @@ def identity_blocker(identity: IdentityConfig) -> str | None:
 
 def trigger_blocker(config: ModelConfig) -> str | None:
     """Why triggers cannot capture this model (whatever the database), or None."""
-    blocker = _sources_blocker(config.properties, "property") or field_blocker(
-        config.model._meta.pk, "the primary key"
+    blocker = (
+        consent.trigger_blocker()
+        or _sources_blocker(config.properties, "property")
+        or field_blocker(config.model._meta.pk, "the primary key")
     )
     if blocker:
         return blocker

@@ -18,7 +18,7 @@ from typing import Any
 from django.db import DatabaseError, connections, models
 from django.db.models import Subquery
 
-from django_cdp import payloads
+from django_cdp import consent, payloads
 from django_cdp.capture import sql
 from django_cdp.capture.engines import identity_blocker
 from django_cdp.capture.rows import build_row
@@ -57,7 +57,7 @@ def resolve_owner(
     ``stored``, the database's values of columns a ``save(update_fields=...)``
     left out); otherwise one query follows the owner path.
     """
-    identity = registry.identity
+    identity = registry.configured_identity
     if config.is_identity:
         return instance.pk, user_id_of(getattr(instance, identity.user_id_field.attname))
     attname = config.owner_attname
@@ -103,7 +103,7 @@ class Traits:
 def in_database(using: str) -> bool:
     """Whether the database computes traits and their digest (PostgreSQL, and every trait a
     field or a path): the trigger engine does there, so the signal engine must too."""
-    identity = registry.identity
+    identity = registry.configured_identity
     return connections[using].vendor == "postgresql" and identity_blocker(identity) is None
 
 
@@ -118,7 +118,8 @@ def _traits_query(identity: IdentityConfig, using: str) -> str:
 def traits_batch(pks: list[Any], using: str) -> dict[str, Traits]:
     """Owners' traits and digests computed in the database, one query: pk text -> traits."""
     with connections[using].cursor() as cursor:
-        cursor.execute(_traits_query(registry.identity, using), [[str(pk) for pk in pks]])
+        query = _traits_query(registry.configured_identity, using)
+        cursor.execute(query, [[str(pk) for pk in pks]])
         rows = cursor.fetchall()
     out = {}
     for pk, uid, text, error, digest, stored in rows:
@@ -138,7 +139,7 @@ def read_traits(owner: Owner, using: str, instance: models.Model | None) -> Trai
     property or method computes from the instance in hand. None when the owner
     row is gone.
     """
-    identity = registry.identity
+    identity = registry.configured_identity
     if in_database(using):
         return traits_batch([owner[0]], using).get(str(owner[0]))
     digest = Subquery(
@@ -197,13 +198,16 @@ def plan_identify(
     (in this transaction, or in ``TraitsDigest``), unless ``force`` or
     ``SEND_UNCHANGED_IDENTIFY``. An owner that was never identified (created
     before tracking, or by ``bulk_create``) or whose traits changed behind the
-    ORM has a different digest, so it is identified.
+    ORM has a different digest, so it is identified. An owner without consent
+    (``CONSENT``) is not identified at all.
     """
+    if not consent.allows(owner[0], using):
+        return None
     read = read_traits(owner, using, instance)
     if read is None:
         return None
     traits, error, digest, stored = read.values, read.error, read.digest, read.stored
-    source = (registry.identity.model, owner[0])
+    source = (registry.configured_identity.model, owner[0])
     entry = live_entry(using, "identifies", owner[0])
     if entry is not None:
         if digest and entry.digest == digest and not (force and entry.row_id is None):
@@ -215,7 +219,8 @@ def plan_identify(
     )
     minimal = payloads.identify_message(owner[1], {}, message_id=message_id)
     row = build_row(
-        lambda: payloads.identify_message(owner[1], traits, message_id=message_id),
+        # traits is None only with an error, and then build_row keeps ``minimal``.
+        lambda: payloads.identify_message(owner[1], traits or {}, message_id=message_id),
         minimal,
         instance=instance,
         source=source,
@@ -238,6 +243,8 @@ def apply_identify(tx: Transaction, plan: Identify) -> None:
         tx.identifies[owner_pk] = Entry(
             row.pk, "identify", tx.marker(), row.message_id, digest=plan.digest
         )
+    if user_id is None:
+        return  # a message without a userId is stored failed: no digest to keep
     digests = TraitsDigest.objects.using(tx.using)
     if row.status == Message.Status.PENDING:
         digests.upsert([(user_id, plan.digest, row.message_id)])

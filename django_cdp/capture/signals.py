@@ -44,7 +44,7 @@ from django.db import DatabaseError, connections, models
 from django.db.models.signals import post_delete, post_save, pre_delete, pre_save
 from django.dispatch import receiver
 
-from django_cdp import payloads, statements, validation
+from django_cdp import consent, payloads, statements, validation
 from django_cdp.capture import context, engines
 from django_cdp.capture.engines import SIGNALS, TRIGGERS
 from django_cdp.capture.owners import (
@@ -67,9 +67,9 @@ from django_cdp.capture.state import (
     store,
     writing,
 )
-from django_cdp.context import tracking_active
 from django_cdp.models import Message, TraitsDigest
 from django_cdp.registry import CREATED, DELETED, UPDATED, ModelConfig, registry
+from django_cdp.scope import tracking_active
 from django_cdp.settings import SETTING_NAME
 
 logger = logging.getLogger("django_cdp")
@@ -263,6 +263,10 @@ def after_save(instance: models.Model, config: ModelConfig, created: bool, using
     stored = _unwritten(before)
     owner, owner_error = owner_or_reason(instance, config, using, stored)
     cancelled = write and action == UPDATED and not changed
+    if owner is not None and not consent.allows(owner[0], using):
+        if write and not cancelled:
+            consent.withhold(config.event_name(action), using)
+        return
     row = None
     if write and not cancelled:
         row = _track_row(
@@ -283,13 +287,13 @@ def after_save(instance: models.Model, config: ModelConfig, created: bool, using
         plan = None  # unchanged traits, and no transaction to remember them in
     if row is None and not cancelled and plan is None:
         return
-    if not in_tx and plan is None:
+    if not in_tx and plan is None and row is not None:
         # Autocommit and a single INSERT: atomic by itself, no BEGIN/COMMIT round trips.
         insert(row, using)
         kick(using)
         return
     with writing(using) as tx:
-        if cancelled:
+        if cancelled and entry is not None:  # only a change of this transaction cancels
             discard(tx, entry)
             del tx.changes[key]
         elif row is not None:
@@ -313,6 +317,10 @@ def before_delete(instance: models.Model, config: ModelConfig, using: str) -> No
     key = (config.label, instance.pk)
     entry = live_entry(using, "changes", key)
     owner, owner_error = owner_or_reason(instance, config, using)
+    if owner is not None and not consent.allows(owner[0], using):
+        if DELETED in config.events:
+            consent.withhold(config.event_name(DELETED), using)
+        return
     row = None
     if DELETED in config.events and not (entry is not None and entry.action == CREATED):
         row = _track_row(instance, config, DELETED, owner, owner_error=owner_error)
@@ -353,16 +361,19 @@ def after_delete(instance: models.Model, config: ModelConfig, using: str) -> Non
 
 def record_track(
     instance: models.Model, event: str, properties: dict[str, Any], using: str
-) -> Message:
-    """Write a track ``event`` for the owner of ``instance``.
+) -> Message | None:
+    """Write a track ``event`` for the owner of ``instance`` (None: withheld, no consent).
 
     The caller's own values are converted first: one that cannot be sent raises
     :class:`~django_cdp.payloads.PayloadError` to the caller, before any SQL, so
     the caller's transaction stays usable.
     """
-    config = registry.get(type(instance))
+    config = registry.config(type(instance))
     converted = {k: payloads.json_value(v, k) for k, v in properties.items()}
     owner, owner_error = owner_or_reason(instance, config, using)
+    if owner is not None and not consent.allows(owner[0], using):
+        consent.withhold(event, using)
+        return None
     user_id = owner[1] if owner else None
     message_id = payloads.new_message_id()
 
@@ -384,7 +395,7 @@ def record_track(
 
 
 def record_identify(instance: models.Model, using: str, *, force: bool) -> None:
-    config = registry.get(type(instance))
+    config = registry.config(type(instance))
     owner, owner_error = owner_or_reason(instance, config, using)
     if owner is None:
         minimal = payloads.identify_message(None, {})
@@ -398,8 +409,8 @@ def record_identify(instance: models.Model, using: str, *, force: bool) -> None:
         with writing(using) as tx:
             store(tx, row)
         return
-    instance = instance if config.is_identity else None
-    write_identify(plan_identify(owner, using, force=force, instance=instance), using)
+    own = instance if config.is_identity else None
+    write_identify(plan_identify(owner, using, force=force, instance=own), using)
 
 
 def guarded(action: Callable[..., None], instance: models.Model, *args: Any) -> None:

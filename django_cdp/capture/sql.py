@@ -36,6 +36,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 
 from django_cdp import __version__
 from django_cdp.capture.engines import value_field
+from django_cdp.fields import column, foreign_key
 from django_cdp.payloads import LIBRARY_NAME
 from django_cdp.registry import IdentityConfig, ModelConfig, Source
 
@@ -66,6 +67,11 @@ def function_options(connection: BaseDatabaseWrapper) -> str:
 
 #: The transaction-local setting ``tracking_disabled()`` sets for the triggers.
 OFF_SETTING = "django_cdp.off"
+#: The transaction-local setting that carries ``django_cdp.context()`` to the triggers:
+#: ``{"context": {...}, "anonymousId": ...}`` (:mod:`django_cdp.scope`).
+CONTEXT_SETTING = "django_cdp.context"
+#: Its value, read once per statement into the variable (or column) ``ambient``.
+AMBIENT = f"NULLIF(current_setting('{CONTEXT_SETTING}', true), '')::jsonb"
 
 
 def literal(value: str) -> str:
@@ -102,7 +108,7 @@ class Builder:
 
     def column_value(self, field: models.Field, row: str, name: str) -> Value:
         """The JSON of ``field``'s column in the jsonb ``row``, named ``name`` in errors."""
-        raw = f"({row}->{literal(field.column)})"
+        raw = f"({row}->{literal(column(field))})"
         kind = value_field(field).get_internal_type()
         if kind == "DateTimeField":
             # jsonb renders a timestamptz as "…T10:34:56.5+00:00" (the functions run in UTC);
@@ -126,11 +132,11 @@ class Builder:
             )
         return Value(raw)
 
-    def pk_lookup(self, fk: models.Field, row: str, alias: str) -> str:
+    def pk_lookup(self, fk: models.ForeignKey, row: str, alias: str) -> str:
         """``alias.<target pk> = <fk text>::type``: finds the row ``fk`` points to from ``row``."""
         target = fk.target_field
         return (
-            f"{alias}.{self.quote(target.column)} = "
+            f"{alias}.{self.quote(column(target))} = "
             f"({row}->>{literal(fk.column)})::{target.cast_db_type(self.connection)}"
         )
 
@@ -140,7 +146,7 @@ class Builder:
         joins, where = [], ""
         current, current_row = model, row
         for depth, part in enumerate(path, 1):
-            fk = current._meta.get_field(part)
+            fk = foreign_key(current, part)
             alias = f"hop{depth}"
             target = fk.related_model
             lookup = self.pk_lookup(fk, current_row, alias)
@@ -155,16 +161,16 @@ class Builder:
     def source_value(self, model: type[models.Model], source: Source, row: str) -> Value:
         """A property's or trait's value, read from ``row`` (a jsonb of a ``model`` row)."""
         if source.kind == "column":
-            return self.column_value(source.field, row, source.name)
+            return self.column_value(source.model_field, row, source.name)
         parts = source.path.split("__")
         joins, where, last = self.follow(model, parts[:-1], row)
-        value = self.column_value(source.field, last, source.name)
+        value = self.column_value(source.model_field, last, source.name)
         select = f"(SELECT {value.sql} FROM {joins} WHERE {where})"
         error = f"(SELECT {value.error} FROM {joins} WHERE {where})" if value.error else None
         return Value(select, error)
 
     def pk_text(self, model: type[models.Model], row: str) -> str:
-        return f"({row}->>{literal(model._meta.pk.column)})"
+        return f"({row}->>{literal(column(model._meta.pk))})"
 
     def pk_repr(self, model: type[models.Model], row: str) -> str:
         """``repr(pk)`` as Python writes it in a failed row's reason: ``3``, ``'a'``,
@@ -187,20 +193,21 @@ class Builder:
         user_id = identity.user_id_field
         if config.is_identity:
             return self.identity_owner(identity, row)
+        assert config.owner_path is not None  # every model but the identity model has one
         parts = config.owner_path.split("__")
         if len(parts) == 1 and user_id.primary_key:
-            fk = config.model._meta.get_field(parts[0])
+            fk = foreign_key(config.model, parts[0])
             text = f"({row}->>{literal(fk.column)})"
             return text, self._user_id(text)
         joins, where, last = self.follow(config.model, parts, row)
-        pk_column = literal(identity.model._meta.pk.column)
+        pk_column = literal(column(identity.model._meta.pk))
         pk = f"(SELECT {last}->>{pk_column} FROM {joins} WHERE {where})"
-        uid = f"(SELECT {last}->>{literal(user_id.column)} FROM {joins} WHERE {where})"
+        uid = f"(SELECT {last}->>{literal(column(user_id))} FROM {joins} WHERE {where})"
         return pk, self._user_id(uid)
 
     def identity_owner(self, identity: IdentityConfig, row: str) -> tuple[str, str]:
         """(pk text, userId text) of an identity row."""
-        uid = f"{row}->>{literal(identity.user_id_field.column)}"
+        uid = f"{row}->>{literal(column(identity.user_id_field))}"
         return self.pk_text(identity.model, row), self._user_id(uid)
 
     @staticmethod
@@ -224,14 +231,14 @@ class Builder:
 
     def properties(self, config: ModelConfig, row: str) -> tuple[str, str]:
         """The properties of a track (``id`` first, then the mapping) and their first error."""
-        values = [("id", Value(f"({row}->{literal(config.model._meta.pk.column)})"))]
+        values = [("id", Value(f"({row}->{literal(column(config.model._meta.pk))})"))]
         values += [(s.name, self.source_value(config.model, s, row)) for s in config.properties]
         return self.object(values)
 
     def tracked(self, config: ModelConfig, row: str) -> str:
         """The tracked columns (what decides an ``Updated``), as a jsonb object by attname."""
         pairs = [
-            f"{literal(attname)}, ({row}->{literal(field.column)})"
+            f"{literal(attname)}, ({row}->{literal(column(field))})"
             for attname, field in config.column_fields.items()
         ]
         return "jsonb_build_object(" + ", ".join(pairs) + ")" if pairs else "'{}'::jsonb"
@@ -266,15 +273,22 @@ TIMESTAMP = (
 )
 
 
+#: The ``context`` of a message: ``ambient``'s fields, then django-cdp's ``library``.
+CONTEXT = f"(COALESCE(ambient->'context', '{{}}'::jsonb) || {jsonb_literal(LIBRARY)})"
+#: What ``ambient`` adds at the top level of a message (the browser's ``anonymousId``).
+TOP_LEVEL = "COALESCE(ambient - 'context', '{}'::jsonb)"
+
+
 def track_message(event: str, user_id: str, properties: str, integrations: dict | None) -> str:
     """The jsonb of a track, as :func:`django_cdp.payloads.track_message` builds it."""
     return (
-        "jsonb_build_object('type', 'track', 'userId', {uid}, 'messageId', mid, "
+        "(jsonb_build_object('type', 'track', 'userId', {uid}, 'messageId', mid, "
         "'originalTimestamp', stamp, 'channel', 'server', 'context', {ctx}, 'event', {event}, "
-        "'properties', {props}, 'integrations', {integrations})"
+        "'properties', {props}, 'integrations', {integrations}) || {top})"
     ).format(
+        top=TOP_LEVEL,
         uid=user_id,
-        ctx=jsonb_literal(LIBRARY),
+        ctx=CONTEXT,
         event=literal(event),
         props=properties,
         integrations=jsonb_literal(integrations or {"All": True}),
@@ -284,11 +298,11 @@ def track_message(event: str, user_id: str, properties: str, integrations: dict 
 def identify_message(user_id: str, traits: str) -> str:
     """The jsonb of an identify, as :func:`django_cdp.payloads.identify_message` builds it."""
     return (
-        f"jsonb_build_object('type', 'identify', 'userId', {user_id}, 'messageId', mid, "
+        f"(jsonb_build_object('type', 'identify', 'userId', {user_id}, 'messageId', mid, "
         "'originalTimestamp', stamp, 'channel', 'server', "
-        f"'context', {jsonb_literal(LIBRARY)} || jsonb_build_object('traits', {traits}), "
+        f"'context', {CONTEXT} || jsonb_build_object('traits', {traits}), "
         f"'traits', {traits}, "
-        "'integrations', '{\"All\":true}'::jsonb)"
+        f"'integrations', '{{\"All\":true}}'::jsonb) || {TOP_LEVEL})"
     )
 
 
@@ -333,7 +347,7 @@ def traits_query(builder: Builder, identity: IdentityConfig, digests_table: str)
         f"SELECT {builder.pk_text(identity.model, 'r.s')} AS pk, {uid} AS uid, "
         f"({traits})::text AS traits, {error} AS error "
         f"FROM (SELECT to_jsonb(t) AS s FROM {builder.table(identity.model)} t "
-        f"WHERE t.{builder.quote(pk.column)} = ANY(%s::{pk.cast_db_type(builder.connection)}[])) r"
+        f"WHERE t.{builder.quote(column(pk))} = ANY(%s::{pk.cast_db_type(builder.connection)}[])) r"
     )
     return (
         "SELECT q.pk, q.uid, q.traits, q.error, md5(q.traits) AS digest, "

@@ -83,7 +83,9 @@ class Transaction:
         return marker
 
     def alive(self, marker: Callable[[], None]) -> bool:
-        return any(func is marker for _, func, _ in self.connection.run_on_commit)
+        # (savepoint ids, func, robust) since Django 4.2; django-stubs still says 2-tuples.
+        run_on_commit: list[tuple[Any, ...]] = self.connection.run_on_commit
+        return any(entry[1] is marker for entry in run_on_commit)
 
     def live(self, entries: dict, key: Any) -> Entry | None:
         """The entry for ``key`` unless its savepoint was rolled back (then it is dropped)."""
@@ -126,10 +128,17 @@ def writing(using: str) -> Iterator[Transaction]:
     transaction of ours.
     """
     if connections[using].in_atomic_block:
-        yield current(using)
+        yield _open(using)
     else:
         with transaction.atomic(using=using, savepoint=False):
-            yield current(using)
+            yield _open(using)
+
+
+def _open(using: str) -> Transaction:
+    """The state of the atomic block open on ``using`` (created on first use)."""
+    tx = current(using)
+    assert tx is not None  # current() creates it inside an atomic block
+    return tx
 
 
 def forget_transaction(using: str = "default") -> None:
@@ -172,6 +181,7 @@ def rewrite(tx: Transaction, entry: Entry, row: Message) -> None:
     is exactly what the final message makes it (a too-large message that shrank
     is pending again).
     """
+    assert entry.row_id is not None  # only a row stored in this transaction is rewritten
     Message.objects.using(tx.using).filter(pk=entry.row_id).update(
         payload=row.payload,
         event=row.event,

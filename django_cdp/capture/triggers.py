@@ -48,8 +48,10 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import NOT_PROVIDED
 from django.dispatch import receiver
 
+from django_cdp import consent
 from django_cdp.capture import engines
 from django_cdp.capture.sql import (
+    AMBIENT,
     BODY_TAG,
     OFF_SETTING,
     TIMESTAMP,
@@ -60,7 +62,8 @@ from django_cdp.capture.sql import (
     outcome,
     track_message,
 )
-from django_cdp.models import Message, TraitsDigest
+from django_cdp.fields import column
+from django_cdp.models import Message, TraitsDigest, WithheldCount
 from django_cdp.registry import CREATED, DELETED, UPDATED, IdentityConfig, ModelConfig, registry
 from django_cdp.settings import SETTING_NAME, cdp_settings
 
@@ -75,7 +78,7 @@ REFERENCING = {
     "delete": "REFERENCING OLD TABLE AS old_rows",
 }
 #: How the generated SQL is laid out: change it and every installed trigger is outdated.
-SQL_VERSION = "1"
+SQL_VERSION = "2"
 #: The data of a minimal message (one that failed to build): none.
 EMPTY = "'{}'::jsonb"
 
@@ -130,6 +133,7 @@ class Generator:
         self.q = connection.ops.quote_name
         self.message = self.q(Message._meta.db_table)
         self.digests = self.q(TraitsDigest._meta.db_table)
+        self.withheld = self.q(WithheldCount._meta.db_table)
         self.limit = cdp_settings.MAX_MESSAGE_BYTES
         self.options = function_options(connection)
 
@@ -143,7 +147,7 @@ class Generator:
             if field.primary_key:
                 continue
             if field.attname in values:
-                columns.append(self.q(field.column))
+                columns.append(self.q(column(field)))
                 exprs.append(values[field.attname])
             elif field.db_default is NOT_PROVIDED and not field.null:
                 raise ValueError(f"the trigger engine gives no value to Message.{field.attname}")
@@ -192,7 +196,8 @@ class Generator:
         return (
             f"CREATE OR REPLACE FUNCTION {self.q(name)}({arguments}) RETURNS {returns} "
             f"LANGUAGE plpgsql SECURITY DEFINER {self.options} AS {BODY_TAG}\n"
-            f"DECLARE\n    x bigint;\n    stamp text;\n{declare}BEGIN\n{body}\nEND\n{BODY_TAG};"
+            f"DECLARE\n    x bigint;\n    stamp text;\n    ambient jsonb;\n{declare}BEGIN\n{body}"
+            f"\nEND\n{BODY_TAG};"
         )
 
     def _guard(self) -> str:
@@ -201,10 +206,11 @@ class Generator:
             "        RETURN NULL;\n    END IF;\n"
             "    x := pg_current_xact_id()::text::bigint;\n"
             f"    stamp := {TIMESTAMP};\n"
+            f"    ambient := {AMBIENT};\n"
         )
 
     def _identify_call(self, config: ModelConfig, rows: str) -> str:
-        identity = registry.identity
+        identity = registry.configured_identity
         if not (config.identify or config.is_identity):
             return ""
         owner_pk, _ = self.sql.owner(config, identity, "r.j")
@@ -212,6 +218,12 @@ class Generator:
             f"    PERFORM {self.q(identify_function(identity))}(ARRAY(SELECT DISTINCT o FROM "
             f"(SELECT {owner_pk} AS o FROM (SELECT to_jsonb(t) AS j FROM {rows} t) r) q "
             "WHERE o IS NOT NULL));\n"
+        )
+
+    def _withhold(self, config: ModelConfig, action: str, rows: str) -> str:
+        """The statement counting the ``action`` events of owners without consent in ``rows``."""
+        return consent.sql_withhold(
+            self.sql, config, config.event_name(action), rows, self.withheld
         )
 
     def _open_entries(self, label: str, kind: str, keys: str) -> str:
@@ -225,7 +237,7 @@ class Generator:
     # --- one model ------------------------------------------------------------------------
 
     def model_sql(self, config: ModelConfig) -> ModelSql:
-        identity = registry.identity
+        identity = registry.configured_identity
         identify = self.identify_sql(identity) if (config.identify or config.is_identity) else ""
         functions = {
             "insert": self._insert_function(config),
@@ -247,12 +259,13 @@ class Generator:
         self, config: ModelConfig, rows: str, extra: str = "", mid: str = "gen_random_uuid()::text"
     ) -> str:
         """SELECT per changed row: its jsonb ``j``, pk, owner, properties and their error."""
-        identity = registry.identity
+        identity = registry.configured_identity
         _, uid = self.sql.owner(config, identity, "r.j")
         props, error = self.sql.properties(config, "r.j")
         return (
             f"SELECT r.*, {self.sql.pk_text(config.model, 'r.j')} AS pk, {uid} AS uid, "
-            f"{props} AS props, {error} AS err, {mid} AS mid{extra} FROM {rows} r"
+            f"{props} AS props, {error} AS err, {mid} AS mid{extra} "
+            f"FROM {consent.sql_consenting(self.sql, config, rows)} r"
         )
 
     def _insert_function(self, config: ModelConfig) -> str:
@@ -269,13 +282,14 @@ class Generator:
             tracked = self.sql.tracked(config, "r.j")
             source = f"(WITH b AS ({self._base(config, rows, f', {tracked} AS cur')}) {built}) m"
             body += f"    {self._insert_messages(values, source)};\n"
+            body += self._withhold(config, CREATED, rows)
         body += self._identify_call(config, "new_rows")
         body += "    RETURN NULL;"
         return self._function(function_name(config, "insert"), "", body)
 
     def _update_function(self, config: ModelConfig) -> str:
         label = config.model._meta.label_lower
-        pk = self.q(config.model._meta.pk.column)
+        pk = self.q(column(config.model._meta.pk))
         pairs = (
             f"(SELECT to_jsonb(n) AS j, to_jsonb(o) AS oj FROM new_rows n "
             f"JOIN old_rows o ON o.{pk} = n.{pk})"
@@ -337,13 +351,17 @@ class Generator:
         ]
         insert = self._insert_messages(values, "(SELECT * FROM m WHERE m.entry_id IS NULL) m")
         body = self._guard() + "    WITH " + ",\n    ".join(ctes) + f"\n    {insert};\n"
+        if UPDATED in config.events:
+            changed = f"{self.sql.tracked(config, 'q.j')} IS DISTINCT FROM "
+            changed += self.sql.tracked(config, "q.oj")
+            body += self._withhold(config, UPDATED, f"(SELECT * FROM {pairs} q WHERE {changed})")
         body += self._identify_call(config, "new_rows")
         body += "    RETURN NULL;"
         return self._function(function_name(config, "update"), "", body)
 
     def _delete_function(self, config: ModelConfig) -> str:
         label = config.model._meta.label_lower
-        identity = registry.identity
+        identity = registry.configured_identity
         deleted = "TRUE" if DELETED in config.events else "FALSE"
         where = self.sql.describe(config.model, "m.j")
         built, minimal = self._built(config, DELETED)
@@ -377,6 +395,8 @@ class Generator:
         body = self._guard() + (
             "    WITH " + ",\n    ".join(ctes) + f"\n    {self._insert_messages(values, 'm')};\n"
         )
+        if DELETED in config.events:
+            body += self._withhold(config, DELETED, "(SELECT to_jsonb(o) AS j FROM old_rows o)")
         if not config.is_identity:
             body += self._identify_call(config, "old_rows")
         body += "    RETURN NULL;"
@@ -394,8 +414,9 @@ class Generator:
         return [
             f"cur AS (SELECT r.s, {pk_s} AS pk, {uid} AS uid, {traits} AS traits, "
             f"{error} AS err FROM (SELECT to_jsonb(t) AS s FROM {self.sql.table(identity.model)} t "
-            f"WHERE t.{self.q(pk.column)} = "
-            f"ANY({owners}::{pk.cast_db_type(self.connection)}[])) r)",
+            f"WHERE t.{self.q(column(pk))} = "
+            f"ANY({owners}::{pk.cast_db_type(self.connection)}[]) "
+            f"AND {consent.sql_grants(self.sql, identity, 'to_jsonb(t)')}) r)",
             "dg AS (SELECT cur.*, CASE WHEN cur.err IS NULL THEN md5(cur.traits::text) END "
             "AS digest FROM cur)",
         ]
@@ -432,9 +453,10 @@ class Generator:
             f"(SELECT d.digest FROM {self.digests} d WHERE d.user_id = dg.uid)"
         )
         ctes = [
-            f"v AS (SELECT pg_current_xact_id()::text::bigint AS x, {TIMESTAMP} AS stamp)",
+            f"v AS (SELECT pg_current_xact_id()::text::bigint AS x, {TIMESTAMP} AS stamp, "
+            f"{AMBIENT} AS ambient)",
             *self._traits_ctes(identity, "%s"),
-            "p AS (SELECT dg.*, gen_random_uuid()::text AS mid, v.x, v.stamp FROM dg, v "
+            "p AS (SELECT dg.*, gen_random_uuid()::text AS mid, v.x, v.stamp, v.ambient FROM dg, v "
             f"WHERE {changed})",
             f"m AS ({self._measured(identify_message('p.uid', 'p.traits'), 'p')})",
             f"inserted AS ({self._insert_messages(values, 'm')} "
@@ -491,6 +513,7 @@ class Generator:
             # Most changes leave the traits as they were: find that out with reads alone.
             f"    IF NOT EXISTS (WITH {', '.join(reads)} SELECT 1 {wanted}) THEN RETURN; END IF;\n"
             f"    stamp := {TIMESTAMP};\n"
+            f"    ambient := {AMBIENT};\n"
             "    WITH " + ",\n    ".join(reads + writes) + "\n"
             f"    INSERT INTO {self.digests} (user_id, digest, message_id, updated_at) "
             "SELECT w.user_id, w.digest, w.message_id, clock_timestamp() FROM written w "
@@ -635,7 +658,7 @@ def install(using: str, *, force: bool = False) -> list[str]:
         return changes
     keep = {function_name(w.config, op) for w in wanted for op in OPERATIONS}
     if wanted:
-        keep.add(identify_function(registry.identity))
+        keep.add(identify_function(registry.configured_identity))
     with transaction.atomic(using=using):
         with connection.cursor() as cursor:
             for statement in statements:

@@ -13,6 +13,10 @@ What goes into the page is deliberately little:
   loader comes from, and its CSP must allow it);
 * traits only from the ``TRAITS`` allowlist (default none: a page's HTML is
   cached, shared and inspected, and is no place for emails or plans);
+* nothing for an owner without consent (``DJANGO_CDP["CONSENT"]``);
+* the SDK keeps the visitor's anonymous id in its own cookie (``rl_anonymous_id``
+  or ``ajs_anonymous_id``, :data:`django_cdp.anonymous.COOKIES`), which
+  ``RequestContextMiddleware`` reads to stitch server events to the visit;
 * the identify only when the SDK's stored userId differs (a returning visitor
   is not re-identified on every page view), and a ``reset()`` when nobody is
   logged in but the SDK still holds a userId (a shared computer after logout);
@@ -117,10 +121,14 @@ def cdp_snippet(context: template.Context, nonce: Any = None) -> SafeString:
         return mark_safe("")
     request = context.get("request")
     user = getattr(request, "user", None) or context.get("user")
-    user_id, traits = None, {}
+    user_id: str | None = None
+    traits: dict[str, Any] = {}
     try:
         allowed = config["TRAITS"] if isinstance(config["TRAITS"], list | tuple) else []
-        user_id, traits = browser_identity(user, list(allowed))
+        identity = browser_identity(user, list(allowed))
+        if identity is None:
+            return mark_safe("")  # the owner has not consented: no SDK, no tracking
+        user_id, traits = identity
     except Exception:
         # A page never fails because of analytics: render the loader without an identify.
         logger.exception("django-cdp could not find the browser identity of user %r", user)

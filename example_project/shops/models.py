@@ -21,6 +21,10 @@ class Shop(models.Model):
     xero_connection_ok = models.BooleanField(
         default=True, help_text="Whether the link to the merchant's Xero organisation works."
     )
+    analytics_opt_in = models.BooleanField(
+        default=True,
+        help_text="Whether the merchant agreed to product analytics (DJANGO_CDP['CONSENT']).",
+    )
     last_payout_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 

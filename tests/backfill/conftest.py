@@ -10,8 +10,8 @@ from decimal import Decimal
 import pytest
 from django.core.management import call_command
 
-from django_cdp.context import tracking_disabled
 from django_cdp.models import Message
+from django_cdp.scope import tracking_disabled
 from example_project.shops.models import Plan, Shop
 
 

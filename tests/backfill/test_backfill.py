@@ -527,7 +527,7 @@ def test_postgres_streams_with_a_server_side_cursor_across_batch_commits(
 
 
 def backfill_module_tracking_off():
-    from django_cdp.context import tracking_disabled
+    from django_cdp.scope import tracking_disabled
 
     return tracking_disabled()
 

@@ -1,6 +1,6 @@
 """``pip install "django-cdp[redis]"`` is enough for a Celery worker on Redis (issue 10).
 
-Builds the wheel, installs it with the ``redis`` extra into a new virtualenv
+Installs the wheel (``dists``) with the ``redis`` extra into a new virtualenv
 (through pip's own configuration, like a user would) and starts a worker of a
 tiny Celery app from there. Without the extra, kombu's Redis transport misses
 ``redis`` and ``packaging`` and the worker cannot start. It takes about a
@@ -9,15 +9,13 @@ minute, so it runs once, in the PostgreSQL pass.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import pytest
 
-from tests.delivery.conftest import REPO, Worker
+from tests.delivery.conftest import Worker
+from tests.packaging.dists import clean_env, new_venv, run
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
@@ -31,25 +29,23 @@ app.conf.imports = ("django_cdp.tasks",)
 """
 
 
-def run(*cmd: str | Path, cwd: Path) -> None:
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-
-def test_wheel_with_redis_extra_runs_a_worker(redis_broker, tmp_path):
-    wheels = tmp_path / "wheels"
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", wheels, REPO, cwd=tmp_path)
-    (wheel,) = wheels.glob("django_cdp-*.whl")
+def test_wheel_with_redis_extra_runs_a_worker(redis_broker, dists, tmp_path):
     venv = tmp_path / "venv"
-    run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
-    python = venv / "bin" / "python"
-    run(python, "-m", "pip", "install", "-q", f"django-cdp[redis] @ {wheel.as_uri()}", cwd=tmp_path)
+    python = new_venv(venv)
+    run(
+        python,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        f"django-cdp[redis] @ {dists.wheel.as_uri()}",
+        cwd=tmp_path,
+    )
 
     app_dir = tmp_path / "app"
     app_dir.mkdir()
     (app_dir / "tiny.py").write_text(TINY_APP)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DJANGO_SETTINGS_MODULE")}
-    env.update(PYTHONPATH=str(app_dir), TINY_BROKER_URL=redis_broker)
+    env = clean_env(PYTHONPATH=str(app_dir), TINY_BROKER_URL=redis_broker)
     where = subprocess.run(
         [python, "-c", "import django_cdp; print(django_cdp.__file__)"],
         cwd=app_dir,

@@ -16,7 +16,7 @@ from django.core.management import call_command
 from django.db import transaction
 from django.test import TestCase
 
-from django_cdp.context import tracking_disabled
+from django_cdp.scope import tracking_disabled
 from django_cdp.testing import CapturedMessages, capture_messages
 from example_project.payouts.models import Payout
 from example_project.shops.models import Plan, Shop

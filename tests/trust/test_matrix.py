@@ -17,8 +17,8 @@ from django.db import connections, transaction
 from django.test import Client
 
 import django_cdp
-from django_cdp.context import tracking_disabled
 from django_cdp.models import Message
+from django_cdp.scope import tracking_disabled
 from example_project.shops.models import Shop
 from tests.testapp.models import Reading
 from tests.trust.conftest import FAILURES, Failure, failed_rows

@@ -260,6 +260,8 @@ class Command(CdpCommand):
                 line += f", {r.unsendable} stored as failed or blocked (not sendable)"
             if r.gone:
                 line += f", {r.gone} deleted during the run"
+            if r.withheld:
+                line += f", {r.withheld} without consent (skipped)"
             self.stdout.write(line)
         if dry_run:
             sample = next((r.sample for r in results if r.sample), None)

@@ -71,6 +71,11 @@ class Command(CdpCommand):
         out(f"failure rate, last hour: {figures['failure_rate']:.1%}")
         for e in figures["errors"]:
             out(f"error x{e['count']} (e.g. message {e['sample_id']}): {e['error']}")
+        for w in figures["withheld"]:
+            out(
+                f"withheld (no consent): {w['event']}: {w['hour']} last hour, "
+                f"{w['day']} last day, {w['week']} last week"
+            )
 
 
 def _as_json(figures: dict[str, Any]) -> dict[str, Any]:
@@ -88,4 +93,5 @@ def _as_json(figures: dict[str, Any]) -> dict[str, Any]:
         "failure_rate": figures["failure_rate"],
         "delays": figures["delays"],
         "errors": figures["errors"],
+        "withheld": figures["withheld"],
     }

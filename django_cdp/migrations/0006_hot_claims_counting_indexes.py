@@ -27,7 +27,7 @@ def reset_fillfactor(apps, schema_editor):
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("django_cdp", "0004_superseded_endpoint_counts"),
+        ("django_cdp", "0005_withheldcount"),
     ]
 
     operations = [

@@ -1,0 +1,5 @@
+"""Fixtures of the consent tests: the core's outbox, run under both engines."""
+
+from tests.core.conftest import Outbox, engine, outbox, plan, shop  # noqa: F401
+
+__all__ = ["Outbox"]
