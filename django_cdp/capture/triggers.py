@@ -65,6 +65,7 @@ from django_cdp.capture.sql import (
     identify_message,
     jsonb_rows,
     literal,
+    minimal_message,
     outcome,
     track_message,
 )
@@ -85,8 +86,6 @@ REFERENCING = {
 }
 #: How the generated SQL is laid out: change it and every installed trigger is outdated.
 SQL_VERSION = "3"
-#: The data of a minimal message (one that failed to build): none.
-EMPTY = "'{}'::jsonb"
 
 
 # --- names ----------------------------------------------------------------------------------------
@@ -300,7 +299,7 @@ class Generator:
         event = config.event_names.get(action, "")
         integrations = config.integrations
         msg = track_message(event, "b.uid", "b.props", integrations)
-        return self._measured(msg), track_message(event, "m.uid", EMPTY, integrations)
+        return self._measured(msg), minimal_message("m.text", "track")
 
     def _base(
         self, config: ModelConfig, rows: str, extra: str = "", mid: str = NEW_MESSAGE_ID
@@ -357,10 +356,7 @@ class Generator:
             track_message(created_event, "b.uid", "b.props", integrations),
             track_message(updated_event, "b.uid", with_changes, integrations),
         )
-        minimal = by_action(
-            track_message(created_event, "m.uid", EMPTY, integrations),
-            track_message(updated_event, "m.uid", EMPTY, integrations),
-        ).replace("b.action", "m.action")
+        minimal = minimal_message("m.text", "track")
         event = by_action(literal(created_event), literal(updated_event)).replace("b.", "m.")
         capture = by_action(
             "jsonb_build_object('action', 'created', 'current', b.cur)",
@@ -509,7 +505,7 @@ class Generator:
     def _identify_rows(self, identity: IdentityConfig) -> tuple[dict[str, str], dict[str, str]]:
         """Column values of an identify row built in ``m``, and its status/reason/payload."""
         where = self.sql.describe(identity.model, "m.s")
-        minimal = identify_message("m.uid", EMPTY)
+        minimal = minimal_message("m.text", "identify")
         values = self._row_values(
             "identify",
             "''",
