@@ -202,7 +202,7 @@ class Generator:
         if returns == "void":
             arguments, declare = "owners text[]", ""
         else:
-            arguments, declare = "", "    owners text[];\n    written bigint;\n"
+            arguments, declare = "", "    written bigint;\n"
         return (
             f"CREATE OR REPLACE FUNCTION {self.q(name)}({arguments}) RETURNS {returns} "
             f"LANGUAGE plpgsql SECURITY DEFINER {self.options} AS {BODY_TAG}\n"
@@ -234,23 +234,24 @@ class Generator:
         if not (config.identify or config.is_identity):
             return ""
         owner_pk, _ = self.sql.owner(config, identity, "r.j")
-        call = f"PERFORM {self.q(identify_function(identity))}(owners);"
-        gather = (
-            f"    owners := ARRAY(SELECT DISTINCT o FROM (SELECT {owner_pk} AS o FROM "
-            f"{jsonb_rows(rows)} r) q WHERE o IS NOT NULL);\n"
+        owners = (
+            f"ARRAY(SELECT DISTINCT o FROM (SELECT {owner_pk} AS o FROM {jsonb_rows(rows)} r) q "
+            "WHERE o IS NOT NULL)"
         )
+        call = f"PERFORM {self.q(identify_function(identity))}({owners});"
         if cdp_settings.SEND_UNCHANGED_IDENTIFY:
-            return gather + f"    IF cardinality(owners) > 0 THEN\n        {call}\n    END IF;\n"
+            return f"    {call}\n"
         traits, error = self.sql.traits(identity, "r.s")
         _, uid = self.sql.identity_owner(identity, "r.s")
+        # The owners are gathered inside the check: one statement when nothing changed.
         changed = (
-            f"EXISTS (SELECT 1 FROM {self._identity_rows(identity, 'owners')} r "
+            f"EXISTS (SELECT 1 FROM {self._identity_rows(identity, owners)} r "
             f"WHERE {error} IS NOT NULL OR md5(({traits})::text) IS DISTINCT FROM "
             f"(SELECT d.digest FROM {self.digests} d WHERE d.user_id = {uid}))"
         )
-        return gather + (
-            f"    IF cardinality(owners) > 0 AND ({self._flagged(IDENTIFIED_SETTING)} "
-            f"OR {changed}) THEN\n        {call}\n    END IF;\n"
+        return (
+            f"    IF {self._flagged(IDENTIFIED_SETTING)} OR {changed} THEN\n"
+            f"        {call}\n    END IF;\n"
         )
 
     @staticmethod
