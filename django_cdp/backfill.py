@@ -76,7 +76,7 @@ class BackfillResult:
     errors: int = 0
     #: Rows deleted between the count and their batch.
     gone: int = 0
-    #: Identify: owners without consent (``CONSENT``), skipped.
+    #: Rows of owners without consent (``CONSENT``), skipped: nothing is written for them.
     withheld: int = 0
     #: The first message that was (or, with ``dry_run``, would be) queued: its payload text.
     sample: str | None = None
@@ -427,6 +427,22 @@ def _when(value: Any) -> datetime.datetime | None:
     return datetime.datetime.combine(value, datetime.time.min)
 
 
+def _owners(
+    config: ModelConfig, rows_by_pk: dict[Any, models.Model], queued: set[str], using: str
+) -> dict[Any, tuple[owners.Owner | None, str]]:
+    """(owner, problem) of each object of a batch not yet in the outbox: the owner, or None
+    and why it could not be resolved (stored with the failed message)."""
+    out: dict[Any, tuple[owners.Owner | None, str]] = {}
+    for pk, obj in rows_by_pk.items():
+        if str(pk) in queued:
+            continue
+        try:
+            out[pk] = owners.resolve_owner(obj, config, using), ""
+        except Exception as exc:
+            out[pk] = None, f"owner: {_describe(exc)}"
+    return out
+
+
 def backfill_created(
     config: ModelConfig,
     queryset: models.QuerySet,
@@ -444,7 +460,9 @@ def backfill_created(
     Each event carries the object's current mapped properties (its state at
     creation is not recorded anywhere) and ``originalTimestamp`` from
     ``timestamp_field``. An object whose ``timestamp_field`` is empty is
-    reported as an error: an event dated today would misplace history.
+    reported as an error: an event dated today would misplace history. Objects of
+    owners without consent (``CONSENT``) are skipped, as the live capture would have
+    withheld their events.
     """
     event = config.event_name(CREATED)
     label = config.model._meta.label_lower
@@ -458,6 +476,8 @@ def backfill_created(
             .filter(source_model=label, source_pk__in=[str(pk) for pk in rows_by_pk], event=event)
             .values_list("source_pk", flat=True)
         )
+        resolved = _owners(config, rows_by_pk, queued, using)
+        allowed = consent.allowed_pks({o[0] for o, _ in resolved.values() if o}, using)
         rows: list[Message] = []
         for pk in pks:
             obj = rows_by_pk.get(pk)
@@ -467,14 +487,15 @@ def backfill_created(
                 result.unchanged += 1
                 result.done += 1
                 continue
+            owner, problem = resolved[pk]
+            if owner is not None and owner[0] not in allowed:
+                result.withheld += 1
+                result.done += 1
+                continue
             when = _when(getattr(obj, timestamp_field))
             if when is None:
                 _error(result, on_error, pk, f"ValueError: {timestamp_field} is empty")
                 continue
-            try:
-                owner, problem = owners.resolve_owner(obj, config, using), ""
-            except Exception as exc:
-                owner, problem = None, f"owner: {_describe(exc)}"
             message = partial(
                 payloads.track_message,
                 event,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.core import checks
 from django.core.signals import setting_changed
@@ -37,9 +37,13 @@ from django.dispatch import receiver
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
+from django_cdp.fields import column
 from django_cdp.models import WithheldCount, count_hour
-from django_cdp.registry import IdentityConfig, Source, _resolve_source, registry
+from django_cdp.registry import IdentityConfig, ModelConfig, Source, _resolve_source, registry
 from django_cdp.settings import SETTING_NAME, cdp_settings
+
+if TYPE_CHECKING:  # the trigger engine imports this module: no import at run time
+    from django_cdp.capture.sql import Builder
 
 logger = logging.getLogger("django_cdp")
 
@@ -170,7 +174,7 @@ def withhold(event: str, using: str) -> None:
 # --- SQL (the trigger engine) -------------------------------------------------------------------
 
 
-def sql_grants(builder: Any, identity: IdentityConfig, row: str) -> str:
+def sql_grants(builder: Builder, identity: IdentityConfig, row: str) -> str:
     """SQL: the identity row ``row`` (a jsonb) has consent. TRUE when ``CONSENT`` is unset."""
     consent = current()
     if consent is None or consent.source is None:
@@ -179,7 +183,7 @@ def sql_grants(builder: Any, identity: IdentityConfig, row: str) -> str:
     return f"COALESCE(({value}) = 'true'::jsonb, FALSE)"
 
 
-def sql_allows(builder: Any, config: Any, identity: IdentityConfig, row: str) -> str:
+def sql_allows(builder: Builder, config: ModelConfig, identity: IdentityConfig, row: str) -> str:
     """SQL: the owner of ``row`` (a jsonb of a ``config.model`` row) lets its messages be
     written: it has consent, or there is no such owner row (as :func:`allowed_pks`)."""
     if current() is None:
@@ -188,14 +192,15 @@ def sql_allows(builder: Any, config: Any, identity: IdentityConfig, row: str) ->
         return sql_grants(builder, identity, row)
     owner_pk, _ = builder.owner(config, identity, row)
     pk = identity.model._meta.pk
+    pk_type = pk.cast_db_type(builder.connection)
     return (
         f"NOT EXISTS (SELECT 1 FROM {builder.table(identity.model)} o "
-        f"WHERE o.{builder.quote(pk.column)} = ({owner_pk})::{pk.cast_db_type(builder.connection)} "
+        f"WHERE o.{builder.quote(column(pk))} = ({owner_pk})::{pk_type} "
         f"AND NOT {sql_grants(builder, identity, 'to_jsonb(o)')})"
     )
 
 
-def sql_consenting(builder: Any, config: Any, rows: str) -> str:
+def sql_consenting(builder: Builder, config: ModelConfig, rows: str) -> str:
     """``rows`` (a FROM item with a jsonb column ``j``) without those of owners lacking
     consent: ``rows`` itself when ``CONSENT`` is unset."""
     if current() is None:
@@ -204,7 +209,7 @@ def sql_consenting(builder: Any, config: Any, rows: str) -> str:
     return f"(SELECT * FROM {rows} q WHERE {allows_})"
 
 
-def sql_withhold(builder: Any, config: Any, event: str, rows: str, table: str) -> str:
+def sql_withhold(builder: Builder, config: ModelConfig, event: str, rows: str, table: str) -> str:
     """A statement counting, as ``event``, the rows of ``rows`` (a FROM item with a jsonb
     column ``j``) whose owner lacks consent; ``""`` when ``CONSENT`` is unset."""
     if current() is None or not event:

@@ -190,7 +190,12 @@ class Identify:
 
 
 def plan_identify(
-    owner: Owner, using: str, *, force: bool = False, instance: models.Model | None = None
+    owner: Owner,
+    using: str,
+    *,
+    force: bool = False,
+    instance: models.Model | None = None,
+    consented: bool = False,
 ) -> Identify | None:
     """Identify an owner with its current traits, at most once per transaction.
 
@@ -199,9 +204,10 @@ def plan_identify(
     ``SEND_UNCHANGED_IDENTIFY``. An owner that was never identified (created
     before tracking, or by ``bulk_create``) or whose traits changed behind the
     ORM has a different digest, so it is identified. An owner without consent
-    (``CONSENT``) is not identified at all.
+    (``CONSENT``) is not identified at all; ``consented`` says the caller has just
+    checked it for this change, so that a save reads consent once.
     """
-    if not consent.allows(owner[0], using):
+    if not consented and not consent.allows(owner[0], using):
         return None
     read = read_traits(owner, using, instance)
     if read is None:

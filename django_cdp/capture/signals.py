@@ -281,7 +281,8 @@ def after_save(instance: models.Model, config: ModelConfig, created: bool, using
         )
     plan = None
     if reidentifies and owner is not None:
-        plan = plan_identify(owner, using, instance=instance if config.is_identity else None)
+        own = instance if config.is_identity else None
+        plan = plan_identify(owner, using, instance=own, consented=True)  # checked above
     in_tx = in_transaction(using)
     if plan is not None and plan.row is None and not in_tx:
         plan = None  # unchanged traits, and no transaction to remember them in
@@ -353,7 +354,8 @@ def after_delete(instance: models.Model, config: ModelConfig, using: str) -> Non
         marker = tx.deleting.get(owner[0])
         if marker is not None and tx.alive(marker):
             return
-    write_identify(plan_identify(owner, using), using)
+    # before_delete stashed the owner only when it had consent, in this transaction.
+    write_identify(plan_identify(owner, using, consented=True), using)
 
 
 # --- explicit calls ----------------------------------------------------------------------------

@@ -67,11 +67,32 @@ def function_options(connection: BaseDatabaseWrapper) -> str:
 
 #: The transaction-local setting ``tracking_disabled()`` sets for the triggers.
 OFF_SETTING = "django_cdp.off"
+#: Transaction-local flags the trigger functions set once they have written rows with this
+#: transaction's id: track rows (``TRACKED``) and identify rows (``IDENTIFIED``). Until a flag
+#: is set, a later statement of the transaction has no row of that kind to combine with, so
+#: it takes the short path: a plain insert, and the identify's read-only digest check. A
+#: rolled-back savepoint resets them with the rows they describe.
+TRACKED_SETTING = "django_cdp.tracked"
+IDENTIFIED_SETTING = "django_cdp.identified"
 #: The transaction-local setting that carries ``django_cdp.context()`` to the triggers:
 #: ``{"context": {...}, "anonymousId": ...}`` (:mod:`django_cdp.scope`).
 CONTEXT_SETTING = "django_cdp.context"
 #: Its value, read once per statement into the variable (or column) ``ambient``.
 AMBIENT = f"NULLIF(current_setting('{CONTEXT_SETTING}', true), '')::jsonb"
+
+
+#: Ends a subquery that computes a value its outer query reads several times (a row's jsonb,
+#: a message's text). Without it PostgreSQL pulls the subquery up into the outer query and
+#: evaluates the expression once per reference: ``to_jsonb(row)`` a dozen times per row,
+#: which made these expressions most of a trigger's cost.
+FENCE = "OFFSET 0"
+
+
+def jsonb_rows(rows: str, alias: str = "t", name: str = "j", where: str = "") -> str:
+    """``(SELECT to_jsonb(alias) AS name FROM rows alias [WHERE …])``: each row of ``rows`` as
+    jsonb, computed once (:data:`FENCE`)."""
+    condition = f" WHERE {where}" if where else ""
+    return f"(SELECT to_jsonb({alias}) AS {name} FROM {rows} {alias}{condition} {FENCE})"
 
 
 def literal(value: str) -> str:
@@ -243,14 +264,17 @@ class Builder:
         ]
         return "jsonb_build_object(" + ", ".join(pairs) + ")" if pairs else "'{}'::jsonb"
 
-    def changed_fields(self, config: ModelConfig, ref: str, cur: str) -> str:
-        """The property names whose columns differ between two :meth:`tracked` objects."""
-        cases = [
-            f"CASE WHEN ({ref}->{literal(attname)}) IS DISTINCT FROM ({cur}->{literal(attname)}) "
-            f"THEN {literal(name)} END"
-            for attname, names in config.tracked_columns.items()
-            for name in names
-        ]
+    def changed_fields(self, config: ModelConfig, ref: str, cur: str, *, rows: bool = False) -> str:
+        """The property names whose columns differ between two :meth:`tracked` objects, or
+        (``rows=True``) between two rows' jsonb, keyed by column."""
+        cases = []
+        for attname, names in config.tracked_columns.items():
+            key = literal(column(config.column_fields[attname]) if rows else attname)
+            for name in names:
+                cases.append(
+                    f"CASE WHEN ({ref}->{key}) IS DISTINCT FROM ({cur}->{key}) "
+                    f"THEN {literal(name)} END"
+                )
         if not cases:
             return "ARRAY[]::text[]"
         return "array_remove(ARRAY[" + ", ".join(cases) + "]::text[], NULL)"
@@ -278,6 +302,17 @@ CONTEXT = f"(COALESCE(ambient->'context', '{{}}'::jsonb) || {jsonb_literal(LIBRA
 #: What ``ambient`` adds at the top level of a message (the browser's ``anonymousId``).
 TOP_LEVEL = "COALESCE(ambient - 'context', '{}'::jsonb)"
 
+#: The first 15 characters of the statement's message ids (``'tttttttt-tttt-7'``: the time in
+#: milliseconds, then the version), taken once per statement into the variable ``idp``.
+#: A plain expression (no subquery), which PL/pgSQL evaluates without running a query.
+MESSAGE_ID_PREFIX = (
+    "(overlay(lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000)::bigint), 12, '0') "
+    "placing '-' from 9 for 0) || '-7')"
+)
+#: A new message id: a time-ordered UUID (version 7) as
+#: :func:`django_cdp.payloads.new_message_id` makes them, the rest of it random.
+NEW_MESSAGE_ID = "(idp || substr(gen_random_uuid()::text, 16))"
+
 
 def track_message(event: str, user_id: str, properties: str, integrations: dict | None) -> str:
     """The jsonb of a track, as :func:`django_cdp.payloads.track_message` builds it."""
@@ -304,6 +339,21 @@ def identify_message(user_id: str, traits: str) -> str:
         f"'traits', {traits}, "
         f"'integrations', '{{\"All\":true}}'::jsonb) || {TOP_LEVEL})"
     )
+
+
+def minimal_message(text: str, kind: str) -> str:
+    """The text of the minimal message of a row that fails (:func:`outcome`): the message
+    ``text`` with its properties (a track) or traits (an identify) emptied.
+
+    Taken from the built text rather than built again: PostgreSQL prepares every branch of
+    an expression each time a statement runs, and a second message build in the failure
+    branch made every write pay for it.
+    """
+    paths = ["{properties}"] if kind == "track" else ["{traits}", "{context,traits}"]
+    expr = f"({text})::jsonb"
+    for path in paths:
+        expr = f"jsonb_set({expr}, '{path}', '{{}}'::jsonb)"
+    return f"({expr})::text"
 
 
 def _thousands(expr: str) -> str:
@@ -346,11 +396,17 @@ def traits_query(builder: Builder, identity: IdentityConfig, digests_table: str)
     rows = (
         f"SELECT {builder.pk_text(identity.model, 'r.s')} AS pk, {uid} AS uid, "
         f"({traits})::text AS traits, {error} AS error "
-        f"FROM (SELECT to_jsonb(t) AS s FROM {builder.table(identity.model)} t "
-        f"WHERE t.{builder.quote(column(pk))} = ANY(%s::{pk.cast_db_type(builder.connection)}[])) r"
+        "FROM "
+        + jsonb_rows(
+            builder.table(identity.model),
+            name="s",
+            where=f"t.{builder.quote(column(pk))} = "
+            f"ANY(%s::{pk.cast_db_type(builder.connection)}[])",
+        )
+        + " r"
     )
     return (
         "SELECT q.pk, q.uid, q.traits, q.error, md5(q.traits) AS digest, "
         f"(SELECT d.digest FROM {digests_table} d WHERE d.user_id = q.uid) AS stored "
-        f"FROM ({rows}) q"
+        f"FROM ({rows} {FENCE}) q"
     )

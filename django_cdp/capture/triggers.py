@@ -53,12 +53,19 @@ from django_cdp.capture import engines
 from django_cdp.capture.sql import (
     AMBIENT,
     BODY_TAG,
+    FENCE,
+    IDENTIFIED_SETTING,
+    MESSAGE_ID_PREFIX,
+    NEW_MESSAGE_ID,
     OFF_SETTING,
     TIMESTAMP,
+    TRACKED_SETTING,
     Builder,
     function_options,
     identify_message,
+    jsonb_rows,
     literal,
+    minimal_message,
     outcome,
     track_message,
 )
@@ -78,9 +85,7 @@ REFERENCING = {
     "delete": "REFERENCING OLD TABLE AS old_rows",
 }
 #: How the generated SQL is laid out: change it and every installed trigger is outdated.
-SQL_VERSION = "2"
-#: The data of a minimal message (one that failed to build): none.
-EMPTY = "'{}'::jsonb"
+SQL_VERSION = "3"
 
 
 # --- names ----------------------------------------------------------------------------------------
@@ -165,7 +170,7 @@ class Generator:
         """SELECT of ``rows`` with their message's text and its size, each computed once."""
         return (
             f"SELECT {rows}.*, t.text, octet_length(t.text) AS size FROM {rows}, "
-            f"LATERAL (SELECT ({message})::text AS text) t"
+            f"LATERAL (SELECT ({message})::text AS text {FENCE}) t {FENCE}"
         )
 
     def _row_values(
@@ -191,12 +196,18 @@ class Generator:
             "capture": capture,
         }
 
-    def _function(self, name: str, declare: str, body: str, returns: str = "trigger") -> str:
-        arguments = "owners text[]" if returns == "void" else ""
+    def _function(self, name: str, body: str, returns: str = "trigger") -> str:
+        """A trigger function (``returns="trigger"``), or the identity function that takes
+        the owners to identify (``"void"``)."""
+        if returns == "void":
+            arguments, declare = "owners text[]", ""
+        else:
+            arguments, declare = "", "    written bigint;\n"
         return (
             f"CREATE OR REPLACE FUNCTION {self.q(name)}({arguments}) RETURNS {returns} "
             f"LANGUAGE plpgsql SECURITY DEFINER {self.options} AS {BODY_TAG}\n"
-            f"DECLARE\n    x bigint;\n    stamp text;\n    ambient jsonb;\n{declare}BEGIN\n{body}"
+            "DECLARE\n    x bigint;\n    stamp text;\n    idp text;\n    ambient jsonb;\n"
+            f"{declare}BEGIN\n{body}"
             f"\nEND\n{BODY_TAG};"
         )
 
@@ -206,18 +217,54 @@ class Generator:
             "        RETURN NULL;\n    END IF;\n"
             "    x := pg_current_xact_id()::text::bigint;\n"
             f"    stamp := {TIMESTAMP};\n"
+            f"    idp := {MESSAGE_ID_PREFIX};\n"
             f"    ambient := {AMBIENT};\n"
         )
 
     def _identify_call(self, config: ModelConfig, rows: str) -> str:
+        """Re-identify the owners of ``rows``: call the identity function only when one of
+        them may need an identify.
+
+        Most changes leave their owner's traits as they were. Until this transaction has
+        written an identify (:data:`IDENTIFIED_SETTING`), the last identify recorded for an
+        owner is its ``TraitsDigest``, so one read of the owners' traits and digests decides
+        it, in this function, without the identity function's lookups and writes.
+        """
         identity = registry.configured_identity
         if not (config.identify or config.is_identity):
             return ""
         owner_pk, _ = self.sql.owner(config, identity, "r.j")
+        owners = (
+            f"ARRAY(SELECT DISTINCT o FROM (SELECT {owner_pk} AS o FROM {jsonb_rows(rows)} r) q "
+            "WHERE o IS NOT NULL)"
+        )
+        call = f"PERFORM {self.q(identify_function(identity))}({owners});"
+        if cdp_settings.SEND_UNCHANGED_IDENTIFY:
+            return f"    {call}\n"
+        traits, error = self.sql.traits(identity, "r.s")
+        _, uid = self.sql.identity_owner(identity, "r.s")
+        # The owners are gathered inside the check: one statement when nothing changed.
+        changed = (
+            f"EXISTS (SELECT 1 FROM {self._identity_rows(identity, owners)} r "
+            f"WHERE {error} IS NOT NULL OR md5(({traits})::text) IS DISTINCT FROM "
+            f"(SELECT d.digest FROM {self.digests} d WHERE d.user_id = {uid}))"
+        )
         return (
-            f"    PERFORM {self.q(identify_function(identity))}(ARRAY(SELECT DISTINCT o FROM "
-            f"(SELECT {owner_pk} AS o FROM (SELECT to_jsonb(t) AS j FROM {rows} t) r) q "
-            "WHERE o IS NOT NULL));\n"
+            f"    IF {self._flagged(IDENTIFIED_SETTING)} OR {changed} THEN\n"
+            f"        {call}\n    END IF;\n"
+        )
+
+    @staticmethod
+    def _flagged(setting: str) -> str:
+        """Whether this transaction has set the flag ``setting`` (see :data:`TRACKED_SETTING`)."""
+        return f"current_setting({literal(setting)}, true) = 'on'"
+
+    @staticmethod
+    def _flag(setting: str) -> str:
+        """Set the flag ``setting`` when the statement just run wrote rows."""
+        return (
+            "    GET DIAGNOSTICS written = ROW_COUNT;\n"
+            f"    IF written > 0 THEN PERFORM set_config({literal(setting)}, 'on', true); END IF;\n"
         )
 
     def _withhold(self, config: ModelConfig, action: str, rows: str) -> str:
@@ -253,10 +300,10 @@ class Generator:
         event = config.event_names.get(action, "")
         integrations = config.integrations
         msg = track_message(event, "b.uid", "b.props", integrations)
-        return self._measured(msg), track_message(event, "m.uid", EMPTY, integrations)
+        return self._measured(msg), minimal_message("m.text", "track")
 
     def _base(
-        self, config: ModelConfig, rows: str, extra: str = "", mid: str = "gen_random_uuid()::text"
+        self, config: ModelConfig, rows: str, extra: str = "", mid: str = NEW_MESSAGE_ID
     ) -> str:
         """SELECT per changed row: its jsonb ``j``, pk, owner, properties and their error."""
         identity = registry.configured_identity
@@ -278,21 +325,22 @@ class Generator:
             values = self._row_values(
                 "track", literal(config.event_name(CREATED)), label, capture, where, minimal
             )
-            rows = "(SELECT to_jsonb(n) AS j FROM new_rows n)"
+            rows = jsonb_rows("new_rows")
             tracked = self.sql.tracked(config, "r.j")
             source = f"(WITH b AS ({self._base(config, rows, f', {tracked} AS cur')}) {built}) m"
             body += f"    {self._insert_messages(values, source)};\n"
+            body += self._flag(TRACKED_SETTING)
             body += self._withhold(config, CREATED, rows)
         body += self._identify_call(config, "new_rows")
         body += "    RETURN NULL;"
-        return self._function(function_name(config, "insert"), "", body)
+        return self._function(function_name(config, "insert"), body)
 
     def _update_function(self, config: ModelConfig) -> str:
         label = config.model._meta.label_lower
         pk = self.q(column(config.model._meta.pk))
         pairs = (
             f"(SELECT to_jsonb(n) AS j, to_jsonb(o) AS oj FROM new_rows n "
-            f"JOIN old_rows o ON o.{pk} = n.{pk})"
+            f"JOIN old_rows o ON o.{pk} = n.{pk} {FENCE})"
         )
         pk_c = self.sql.pk_text(config.model, "c.j")
         updated = "TRUE" if UPDATED in config.events else "FALSE"
@@ -309,10 +357,7 @@ class Generator:
             track_message(created_event, "b.uid", "b.props", integrations),
             track_message(updated_event, "b.uid", with_changes, integrations),
         )
-        minimal = by_action(
-            track_message(created_event, "m.uid", EMPTY, integrations),
-            track_message(updated_event, "m.uid", EMPTY, integrations),
-        ).replace("b.action", "m.action")
+        minimal = minimal_message("m.text", "track")
         event = by_action(literal(created_event), literal(updated_event)).replace("b.", "m.")
         capture = by_action(
             "jsonb_build_object('action', 'created', 'current', b.cur)",
@@ -321,9 +366,22 @@ class Generator:
         where = self.sql.describe(config.model, "m.j")
         values = self._row_values("track", event, label, capture, where, minimal)
         decided = self._decided(minimal, where)
-        ctes = [
+        c = (
             f"c AS (SELECT r.j, {self.sql.tracked(config, 'r.j')} AS cur, "
-            f"{self.sql.tracked(config, 'r.oj')} AS old FROM {pairs} r)",
+            f"{self.sql.tracked(config, 'r.oj')} AS old FROM {pairs} r {FENCE})"
+        )
+        # The rows that write or rewrite a message, and their messages.
+        b_m = [
+            f"b AS ({self._base(config, 'f', '', f'COALESCE(r.entry_mid, {NEW_MESSAGE_ID})')}"
+            " "
+            "WHERE "
+            "(r.action = 'created' AND r.cur IS DISTINCT FROM r.last) "
+            "OR (r.action = 'updated' AND cardinality(r.changed) > 0) "
+            f"OR (r.action IS NULL AND cardinality(r.changed) > 0 AND {updated}))",
+            f"m AS ({self._measured(msg)})",
+        ]
+        combined = [
+            c,
             f"e AS ({self._open_entries(label, 'track', f'SELECT {pk_c} FROM c')})",
             # ref: the values at the transaction's start, for the net change.
             "d AS (SELECT c.*, e.id AS entry_id, e.message_id AS entry_mid, "
@@ -332,15 +390,8 @@ class Generator:
             f"ELSE c.old END AS ref, e.capture->'current' AS last FROM c LEFT JOIN e "
             f"ON e.source_pk = {pk_c})",
             f"f AS (SELECT d.*, {self.sql.changed_fields(config, 'd.ref', 'd.cur')} AS changed "
-            "FROM d)",
-            # The rows that write or rewrite a message.
-            f"b AS ({self._base(config, 'f', '', 'COALESCE(r.entry_mid, gen_random_uuid()::text)')}"
-            " "
-            "WHERE "
-            "(r.action = 'created' AND r.cur IS DISTINCT FROM r.last) "
-            "OR (r.action = 'updated' AND cardinality(r.changed) > 0) "
-            f"OR (r.action IS NULL AND cardinality(r.changed) > 0 AND {updated}))",
-            f"m AS ({self._measured(msg)})",
+            f"FROM d {FENCE})",
+            *b_m,
             # An update whose changes cancelled out: its message goes.
             f"gone AS (DELETE FROM {self.message} WHERE id IN (SELECT entry_id FROM f "
             "WHERE action = 'updated' AND cardinality(changed) = 0))",
@@ -350,14 +401,28 @@ class Generator:
             "FROM m WHERE t.id = m.entry_id)",
         ]
         insert = self._insert_messages(values, "(SELECT * FROM m WHERE m.entry_id IS NULL) m")
-        body = self._guard() + "    WITH " + ",\n    ".join(ctes) + f"\n    {insert};\n"
+        body = self._guard() + f"    IF {self._flagged(TRACKED_SETTING)} THEN\n"
+        body += "    WITH " + ",\n    ".join(combined) + f"\n    {insert};\n"
+        if UPDATED in config.events:
+            # No track row of this transaction to combine with: new Updated rows only.
+            changed = self.sql.changed_fields(config, "r.oj", "r.j", rows=True)
+            first = [
+                "f AS (SELECT r.j, NULL::bigint AS entry_id, NULL::text AS entry_mid, "
+                "NULL::text AS action, NULL::jsonb AS cur, NULL::jsonb AS last, "
+                f"{self.sql.tracked(config, 'r.oj')} AS ref, {changed} AS changed "
+                f"FROM {pairs} r {FENCE})",
+                *b_m,
+            ]
+            body += "    ELSE\n    WITH " + ",\n    ".join(first) + f"\n    {insert};\n"
+            body += self._flag(TRACKED_SETTING)
+        body += "    END IF;\n"
         if UPDATED in config.events:
             changed = f"{self.sql.tracked(config, 'q.j')} IS DISTINCT FROM "
             changed += self.sql.tracked(config, "q.oj")
             body += self._withhold(config, UPDATED, f"(SELECT * FROM {pairs} q WHERE {changed})")
         body += self._identify_call(config, "new_rows")
         body += "    RETURN NULL;"
-        return self._function(function_name(config, "update"), "", body)
+        return self._function(function_name(config, "update"), body)
 
     def _delete_function(self, config: ModelConfig) -> str:
         label = config.model._meta.label_lower
@@ -370,7 +435,7 @@ class Generator:
         )
         pk_c = self.sql.pk_text(config.model, "c.j")
         ctes = [
-            "c AS (SELECT to_jsonb(o) AS j FROM old_rows o)",
+            f"c AS (SELECT * FROM {jsonb_rows('old_rows')} o)",
             f"e AS ({self._open_entries(label, 'track', f'SELECT {pk_c} FROM c')})",
             f"gone AS (DELETE FROM {self.message} WHERE id IN (SELECT id FROM e))",
         ]
@@ -392,39 +457,56 @@ class Generator:
             f"b AS ({self._base(config, kept)})",
             f"m AS ({built})",
         ]
-        body = self._guard() + (
-            "    WITH " + ",\n    ".join(ctes) + f"\n    {self._insert_messages(values, 'm')};\n"
-        )
+        insert = self._insert_messages(values, "m")
+        # Rows of this transaction to take back: its track rows of these objects, and (for
+        # owners) their identify rows. Without them, a plain insert of the Deleted rows.
+        combine = self._flagged(TRACKED_SETTING)
+        if config.is_identity:
+            combine += f" OR {self._flagged(IDENTIFIED_SETTING)}"
+        body = self._guard() + f"    IF {combine} THEN\n"
+        body += "    WITH " + ",\n    ".join(ctes) + f"\n    {insert};\n"
         if DELETED in config.events:
-            body += self._withhold(config, DELETED, "(SELECT to_jsonb(o) AS j FROM old_rows o)")
+            first = [f"b AS ({self._base(config, jsonb_rows('old_rows'))})", f"m AS ({built})"]
+            body += "    ELSE\n    WITH " + ",\n    ".join(first) + f"\n    {insert};\n"
+            body += self._flag(TRACKED_SETTING)
+        body += "    END IF;\n"
+        if DELETED in config.events:
+            body += self._withhold(config, DELETED, jsonb_rows("old_rows"))
         if not config.is_identity:
             body += self._identify_call(config, "old_rows")
         body += "    RETURN NULL;"
-        return self._function(function_name(config, "delete"), "", body)
+        return self._function(function_name(config, "delete"), body)
 
     # --- the identity ---------------------------------------------------------------------
+
+    def _identity_rows(self, identity: IdentityConfig, owners: str) -> str:
+        """The identity rows (jsonb ``s``) whose pks are in the array ``owners``, those of
+        owners without consent left out."""
+        pk = identity.model._meta.pk
+        return jsonb_rows(
+            self.sql.table(identity.model),
+            name="s",
+            where=f"t.{self.q(column(pk))} = ANY({owners}::{pk.cast_db_type(self.connection)}[]) "
+            f"AND {consent.sql_grants(self.sql, identity, 'to_jsonb(t)')}",
+        )
 
     def _traits_ctes(self, identity: IdentityConfig, owners: str) -> list[str]:
         """``cur`` (each owner in the array ``owners``: pk, userId, traits and their error)
         and ``dg`` (with the traits' digest)."""
-        pk = identity.model._meta.pk
         pk_s = self.sql.pk_text(identity.model, "r.s")
         _, uid = self.sql.identity_owner(identity, "r.s")
         traits, error = self.sql.traits(identity, "r.s")
         return [
             f"cur AS (SELECT r.s, {pk_s} AS pk, {uid} AS uid, {traits} AS traits, "
-            f"{error} AS err FROM (SELECT to_jsonb(t) AS s FROM {self.sql.table(identity.model)} t "
-            f"WHERE t.{self.q(column(pk))} = "
-            f"ANY({owners}::{pk.cast_db_type(self.connection)}[]) "
-            f"AND {consent.sql_grants(self.sql, identity, 'to_jsonb(t)')}) r)",
+            f"{error} AS err FROM {self._identity_rows(identity, owners)} r {FENCE})",
             "dg AS (SELECT cur.*, CASE WHEN cur.err IS NULL THEN md5(cur.traits::text) END "
-            "AS digest FROM cur)",
+            f"AS digest FROM cur {FENCE})",
         ]
 
     def _identify_rows(self, identity: IdentityConfig) -> tuple[dict[str, str], dict[str, str]]:
         """Column values of an identify row built in ``m``, and its status/reason/payload."""
         where = self.sql.describe(identity.model, "m.s")
-        minimal = identify_message("m.uid", EMPTY)
+        minimal = minimal_message("m.text", "identify")
         values = self._row_values(
             "identify",
             "''",
@@ -454,9 +536,11 @@ class Generator:
         )
         ctes = [
             f"v AS (SELECT pg_current_xact_id()::text::bigint AS x, {TIMESTAMP} AS stamp, "
-            f"{AMBIENT} AS ambient)",
+            f"{AMBIENT} AS ambient, {MESSAGE_ID_PREFIX} AS idp, "
+            # Its identify rows are this transaction's: later triggers combine with them.
+            f"set_config({literal(IDENTIFIED_SETTING)}, 'on', true) AS flagged)",
             *self._traits_ctes(identity, "%s"),
-            "p AS (SELECT dg.*, gen_random_uuid()::text AS mid, v.x, v.stamp, v.ambient FROM dg, v "
+            f"p AS (SELECT dg.*, {NEW_MESSAGE_ID} AS mid, v.x, v.stamp, v.ambient FROM dg, v "
             f"WHERE {changed})",
             f"m AS ({self._measured(identify_message('p.uid', 'p.traits'), 'p')})",
             f"inserted AS ({self._insert_messages(values, 'm')} "
@@ -493,7 +577,7 @@ class Generator:
         )
         writes = [
             "p AS (SELECT dg.*, e.id AS entry_id, COALESCE(e.message_id, "
-            f"gen_random_uuid()::text) AS mid {wanted})",
+            f"{NEW_MESSAGE_ID}) AS mid {wanted})",
             f"m AS ({self._measured(identify_message('p.uid', 'p.traits'), 'p')})",
             f"rewritten AS (UPDATE {self.message} t SET payload = {decided['payload']}, "
             f"status = {decided['status']}, last_error = {decided['last_error']}, "
@@ -513,15 +597,18 @@ class Generator:
             # Most changes leave the traits as they were: find that out with reads alone.
             f"    IF NOT EXISTS (WITH {', '.join(reads)} SELECT 1 {wanted}) THEN RETURN; END IF;\n"
             f"    stamp := {TIMESTAMP};\n"
+            f"    idp := {MESSAGE_ID_PREFIX};\n"
             f"    ambient := {AMBIENT};\n"
             "    WITH " + ",\n    ".join(reads + writes) + "\n"
             f"    INSERT INTO {self.digests} (user_id, digest, message_id, updated_at) "
             "SELECT w.user_id, w.digest, w.message_id, clock_timestamp() FROM written w "
             "WHERE w.status = 'pending' ON CONFLICT (user_id) DO UPDATE SET "
             "digest = EXCLUDED.digest, message_id = EXCLUDED.message_id, "
-            "updated_at = EXCLUDED.updated_at;"
+            "updated_at = EXCLUDED.updated_at;\n"
+            # Past the early return, an identify row was written or rewritten.
+            f"    PERFORM set_config({literal(IDENTIFIED_SETTING)}, 'on', true);"
         )
-        return self._function(identify_function(identity), "", body, returns="void")
+        return self._function(identify_function(identity), body, returns="void")
 
 
 # --- installation --------------------------------------------------------------------------------

@@ -170,6 +170,34 @@ def test_cdp_backfill_identify_reports_the_skipped_owners(opted_out, capsys):
     assert "1 without consent (skipped)" in capsys.readouterr().out
 
 
+def test_the_created_backfill_skips_the_objects_of_owners_without_consent(opted_out, plan, outbox):
+    other = Shop.objects.create(domain="b.example", email="b@b.example", plan=plan)
+    mine = Payout.objects.create(shop=other, amount=Decimal("2.00"), currency="EUR")
+    Payout.objects.create(shop=opted_out, amount=Decimal("3.00"), currency="EUR")
+    outbox.clear()
+    WithheldCount.objects.all().delete()  # the live create's count
+    [config] = [c for c in backfill.created_configs() if c.model is Payout]
+    result = backfill.backfill_created(
+        config,
+        backfill.created_queryset(config, None, "default"),
+        timestamp_field="created_at",
+        using="default",
+        total=2,
+    )
+    assert (result.withheld, result.queued, result.done) == (1, 1, 2)
+    [track] = outbox.tracks()
+    assert (track["event"], track["userId"]) == ("Payout Created", str(other.pk))
+    assert track["properties"]["id"] == mine.pk
+    assert withheld() == {}  # a backfill is not live traffic: the health page counts nothing
+
+
+def test_cdp_backfill_identify_track_created_reports_the_skipped_objects(opted_out, capsys):
+    Payout.objects.create(shop=opted_out, amount=Decimal("3.00"), currency="EUR")
+    call_command("cdp_backfill_identify", "--track-created")
+    out = capsys.readouterr().out
+    assert "Payout Created: 0 queued" in out and "1 without consent (skipped)" in out
+
+
 # --- a function -------------------------------------------------------------------------------
 
 

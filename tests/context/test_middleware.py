@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import hashlib
@@ -12,12 +13,14 @@ from decimal import Decimal
 from urllib.parse import quote
 
 import pytest
+from asgiref.sync import async_to_sync, iscoroutinefunction
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from django.conf import settings as django_settings
 from django.core.management import call_command
+from django.http import HttpResponse
 
-from django_cdp import anonymous
+from django_cdp import anonymous, scope
 from django_cdp.middleware import MIDDLEWARE_PATH, check_request_context
 from example_project.payouts.models import Payout
 
@@ -146,6 +149,51 @@ def test_messages_written_after_the_request_carry_none_of_it(
     track = message(outbox)
     assert set(track["context"]) == {"library"}
     assert "anonymousId" not in track
+
+
+# --- ASGI --------------------------------------------------------------------------------------
+
+
+def test_an_async_view_under_asgi_sees_the_context_and_its_messages_carry_it(
+    async_client, middleware, settings, shop, outbox, engine
+):
+    configure(settings)
+    async_client.cookies["ajs_anonymous_id"] = VISITOR
+    response = async_to_sync(async_client.post)(
+        f"/context/shops/{shop.pk}/payouts-async/?from=asgi",
+        headers={"User-Agent": BROWSER, "X-Request-ID": "async-1"},
+    )
+    assert response.status_code == 200, response.content
+    seen = response.json()["context"]
+    assert seen["userAgent"] == BROWSER
+    assert seen["requestId"] == "async-1"
+    assert seen["page"]["search"] == "?from=asgi"
+    track = message(outbox)
+    assert track["properties"]["id"] == response.json()["pk"]
+    assert track["anonymousId"] == VISITOR
+    assert {k: track["context"][k] for k in seen} == seen
+
+
+def test_the_middleware_is_a_coroutine_around_an_async_view_and_resets_after_it(rf, settings):
+    from django_cdp.middleware import RequestContextMiddleware
+
+    configure(settings)
+    inside = {}
+
+    async def view(request):
+        await asyncio.sleep(0)  # the context survives a suspension
+        inside.update(scope.current().context)
+        return HttpResponse("ok")
+
+    middleware = RequestContextMiddleware(view)
+    assert iscoroutinefunction(middleware)  # Django then calls it without a thread hop
+    request = rf.get("/async/", HTTP_USER_AGENT=BROWSER, REMOTE_ADDR="198.51.100.7")
+    response = asyncio.run(middleware(request))
+    assert response.content == b"ok"
+    assert inside["ip"] == "198.51.100.7"
+    assert inside["userAgent"] == BROWSER
+    assert inside["page"]["path"] == "/async/"
+    assert scope.current().context == {}
 
 
 def test_the_language_django_chose_wins_over_the_header(rf, middleware, settings, db):

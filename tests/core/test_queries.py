@@ -4,8 +4,9 @@ Inside ``atomic()`` a tracked Payout create adds two statements to the user's
 INSERT: the message INSERT, and one SELECT of the owner's traits with the
 digest of its last identify (every change re-identifies its owner when its
 traits differ; when they are unchanged nothing more is written). An update
-adds the narrow read of the tracked columns before it. Nothing of ours opens
-a transaction or savepoint inside the user's.
+adds the narrow read of the tracked columns before it. With ``CONSENT`` a change
+reads its owner's consent once more. Nothing of ours opens a transaction or
+savepoint inside the user's.
 """
 
 from __future__ import annotations
@@ -109,3 +110,28 @@ def test_with_send_unchanged_identify_every_change_sends_traits(
         "INSERT",
         "COMMIT",
     ]
+
+
+def consent_reads(queries) -> list[str]:
+    return [q["sql"] for q in queries if "analytics_opt_in" in q["sql"]]
+
+
+def test_with_consent_a_save_reads_it_once(outbox, shop, settings, django_assert_num_queries):
+    settings.DJANGO_CDP = {**settings.DJANGO_CDP, "CONSENT": "analytics_opt_in"}
+    with django_assert_num_queries(6) as queries, transaction.atomic():
+        Payout.objects.create(shop=shop, amount=Decimal("1.00"), currency="EUR")
+    # the payout, the owner's consent, the traits with their digest, the track
+    assert statements(queries) == ["BEGIN", "INSERT", "SELECT", "SELECT", "INSERT", "COMMIT"]
+    assert len(consent_reads(queries)) == 1
+    assert outbox.events() == ["Payout Created"]
+
+
+def test_with_consent_a_delete_reads_it_once(outbox, shop, settings, django_assert_num_queries):
+    settings.DJANGO_CDP = {**settings.DJANGO_CDP, "CONSENT": "analytics_opt_in"}
+    payout = Payout.objects.create(shop=shop, amount=Decimal("1.00"), currency="EUR")
+    with django_assert_num_queries(6) as queries, transaction.atomic():
+        payout.delete()
+    # the owner's consent, the track, the payout's DELETE, the traits with their digest
+    assert len(consent_reads(queries)) == 1
+    assert statements(queries) == ["BEGIN", "SELECT", "INSERT", "DELETE", "SELECT", "COMMIT"]
+    assert outbox.events() == ["Payout Created", "Payout Deleted"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from decimal import Decimal
 
@@ -104,6 +105,24 @@ def test_track_message_has_the_fields_the_http_api_expects(outbox, shop):
     assert message["context"]["library"]["name"] == "django-cdp"
     assert message["integrations"] == {"All": True}
     assert isinstance(message["userId"], str)
+
+
+def test_message_ids_are_time_ordered_uuids(outbox, shop):
+    """Version 7 UUIDs: ids written later sort later (they land on the rightmost leaf of the
+    outbox's unique index instead of a random one)."""
+    before = time.time_ns() // 1_000_000
+    for amount in ("1.00", "2.00", "3.00"):
+        with transaction.atomic():
+            Payout.objects.create(shop=shop, amount=Decimal(amount), currency="EUR")
+    after = time.time_ns() // 1_000_000
+    ids = [uuid.UUID(m["messageId"]) for m in outbox.tracks()]
+    assert [i.version for i in ids] == [7, 7, 7]
+    assert all(i.variant == uuid.RFC_4122 for i in ids)
+    millis = [i.int >> 80 for i in ids]
+    # the database's clock and ours may differ by a few milliseconds on one machine
+    assert all(before - 1000 <= m <= after + 1000 for m in millis)
+    assert millis == sorted(millis)
+    assert len(set(ids)) == 3
 
 
 @pytest.mark.signals_only(

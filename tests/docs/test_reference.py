@@ -7,6 +7,7 @@ settings table that differs from ``SETTINGS``: the reference cannot drift from t
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from django_cdp import signals
 from django_cdp.dictionary import EVENT_KEYS, PROPERTY_KEYS
 from django_cdp.frontend import FRONTEND_KEYS
 from django_cdp.login import LOGIN_KEYS
+from django_cdp.middleware import DEFAULTS as REQUEST_CONTEXT_DEFAULTS
 from django_cdp.registry import IDENTITY_KEYS, MODEL_KEYS
 from django_cdp.settings import SETTINGS
 
@@ -66,11 +68,29 @@ def test_every_settings_key_is_listed_with_its_default_and_type():
         ("`MODELS` (per model)", MODEL_KEYS),
         ("`LOGIN`", LOGIN_KEYS),
         ("`FRONTEND`", FRONTEND_KEYS),
+        ("`REQUEST_CONTEXT`", REQUEST_CONTEXT_DEFAULTS),
         ("`EVENTS` (per event, and per property)", EVENT_KEYS | PROPERTY_KEYS),
     ],
 )
 def test_every_nested_settings_key_is_listed(title, keys):
     assert first_column(section(title)) == set(keys)
+
+
+def test_request_context_defaults_match_the_code():
+    rows = dict(re.findall(r"^\| `([a-z_]+)` \| (`[^|]*`) \|", section("`REQUEST_CONTEXT`"), re.M))
+    assert rows == {key: shown(value) for key, value in REQUEST_CONTEXT_DEFAULTS.items()}
+
+
+def test_the_middleware_and_context_managers_are_listed_and_import():
+    names = {name.split("(")[0] for name in first_column(section("Middleware and context"))}
+    assert names == {
+        "django_cdp.middleware.RequestContextMiddleware",
+        "django_cdp.context",
+        "django_cdp.tracking_disabled",
+    }
+    for name in names:
+        module, _, attribute = name.rpartition(".")
+        assert callable(getattr(importlib.import_module(module), attribute)), name
 
 
 def test_every_check_id_is_listed():
