@@ -7,6 +7,7 @@ import logging
 import os
 import select
 import signal
+import threading
 import time
 from collections.abc import Iterator
 
@@ -38,6 +39,20 @@ def published(monkeypatch) -> list[tuple[str, float]]:
         kick.Publisher, "_publish", lambda self, using, app: calls.append((using, time.monotonic()))
     )
     return calls
+
+
+@pytest.fixture
+def connecting_threads(monkeypatch) -> list[int]:
+    """The threads that open a broker connection (the real connection is still opened)."""
+    threads: list[int] = []
+    connect = kick.Publisher._connect
+
+    def spy(app):
+        threads.append(threading.get_ident())
+        return connect(app)
+
+    monkeypatch.setattr(kick.Publisher, "_connect", staticmethod(spy))
+    return threads
 
 
 @pytest.fixture
@@ -83,17 +98,16 @@ def test_debounce_schedule_is_exact():
 
 
 def test_unreachable_broker_costs_the_request_nothing_and_is_logged_once(
-    configure, unreachable_broker, publisher, caplog
+    configure, unreachable_broker, publisher, caplog, connecting_threads
 ):
     configure(DELIVERY="celery", KICK_DEBOUNCE_SECONDS=0.0)
     with caplog.at_level(logging.INFO, "django_cdp.kick"):
-        durations = []
         for _ in range(200):
-            began = time.perf_counter()
             kick.request_delivery("default")
-            durations.append(time.perf_counter() - began)
         assert wait_until(lambda: "could not ask a worker to deliver" in caplog.text, 5)
-        assert sum(durations) < 0.05, sum(durations)  # no connection attempt in this thread
+        # The publisher's thread tried the broker; the requests' thread never did.
+        assert connecting_threads
+        assert threading.get_ident() not in connecting_threads
         # The kick is kept for the next attempt; commits meanwhile join it.
         assert list(publisher._waiting) == ["default"]
         kick.request_delivery("default")
@@ -102,20 +116,21 @@ def test_unreachable_broker_costs_the_request_nothing_and_is_logged_once(
 
 
 @pytest.mark.redis
-def test_the_request_thread_does_no_broker_io(configure, celery_app_for_kicks, queue_name):
-    """200 commits that each ask for a run cost their threads well under a millisecond each."""
+def test_the_request_thread_does_no_broker_io(
+    configure, celery_app_for_kicks, queue_name, connecting_threads
+):
+    """200 commits that each ask for a run leave the broker to the publisher's thread (its
+    cost to the request is measured in benchmarks/kick_cost.py)."""
     import redis
 
     configure(DELIVERY="celery", QUEUE=queue_name, KICK_DEBOUNCE_SECONDS=0.0)
     broker = redis.Redis.from_url(celery_app_for_kicks.conf.broker_url)
     try:
-        durations = []
         for _ in range(200):
-            began = time.perf_counter()
             kick.request_delivery("default")
-            durations.append(time.perf_counter() - began)
         assert wait_until(lambda: broker.llen(queue_name) >= 1, 5)  # the kicks were published
-        assert sum(durations) < 0.05, sum(durations)  # a publish in this thread costs ~5 ms
+        assert connecting_threads
+        assert threading.get_ident() not in connecting_threads
     finally:
         broker.delete(queue_name)
 
