@@ -43,6 +43,21 @@ def new_venv(path: Path) -> Path:
     return path / "bin" / "python"
 
 
+def venv_with_wheel(path: Path, dists: Dists, extra: str) -> Path:
+    """A new virtualenv at ``path`` with the wheel and its ``extra`` installed; its python."""
+    python = new_venv(path)
+    run(
+        python,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        f"django-cdp[{extra}] @ {dists.wheel.as_uri()}",
+        cwd=path.parent,
+    )
+    return python
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without what would import the repository's copy."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DJANGO_SETTINGS_MODULE")}

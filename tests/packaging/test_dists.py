@@ -17,7 +17,7 @@ import zipfile
 
 import pytest
 
-from tests.packaging.dists import REPO, clean_env, new_venv, run
+from tests.packaging.dists import REPO, clean_env, run, venv_with_wheel
 
 pytestmark = pytest.mark.postgres
 
@@ -59,16 +59,7 @@ def test_twine_check_passes(dists):
 
 
 def test_the_wheel_runs_the_example_projects_check_in_a_clean_virtualenv(dists, tmp_path):
-    python = new_venv(tmp_path / "venv")
-    run(
-        python,
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        f"django-cdp[example] @ {dists.wheel.as_uri()}",
-        cwd=tmp_path,
-    )
+    python = venv_with_wheel(tmp_path / "venv", dists, "example")
     # A copy of the example project alone: its manage.py puts its parent folder on the path,
     # which in the repository would import the checkout's django_cdp instead of the wheel's.
     app = tmp_path / "app"

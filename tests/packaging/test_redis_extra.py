@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from tests.delivery.conftest import Worker
-from tests.packaging.dists import clean_env, new_venv, run
+from tests.packaging.dists import clean_env, venv_with_wheel
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
@@ -31,16 +31,7 @@ app.conf.imports = ("django_cdp.tasks",)
 
 def test_wheel_with_redis_extra_runs_a_worker(redis_broker, dists, tmp_path):
     venv = tmp_path / "venv"
-    python = new_venv(venv)
-    run(
-        python,
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        f"django-cdp[redis] @ {dists.wheel.as_uri()}",
-        cwd=tmp_path,
-    )
+    python = venv_with_wheel(venv, dists, "redis")
 
     app_dir = tmp_path / "app"
     app_dir.mkdir()
