@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from django.core.management import call_command
 from django.db.models import F
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from django_cdp import delivery, transport
@@ -54,7 +55,7 @@ def test_batches_respect_message_and_byte_limits(configure, data_plane):
     assert [len(r.message_ids) for r in data_plane.requests] == [10, 10, 5]
 
     data_plane.reset()
-    Message.objects.update(status="pending", next_attempt_at=timezone.now())
+    Message.objects.update(status="pending", next_attempt_at=Now())  # the claim's clock
     configure(MAX_BATCH_BYTES=2000, MAX_BATCH_MESSAGES=2500)
     result = drain()
     assert result.sent == 25 and result.requests > 3

@@ -12,6 +12,7 @@ from datetime import timedelta
 
 import pytest
 from django.db import connections, transaction
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from django_cdp import delivery, transport
@@ -56,7 +57,7 @@ def test_an_older_identify_claimed_alone_is_superseded_by_a_newer_one(configure,
     Message.objects.filter(pk=new.pk).update(next_attempt_at=timezone.now() + timedelta(hours=1))
     assert _claim("a") == []
     assert Message.objects.get(pk=old.pk).status == "superseded"
-    Message.objects.filter(pk=new.pk).update(next_attempt_at=timezone.now())
+    Message.objects.filter(pk=new.pk).update(next_attempt_at=Now())  # the claim's clock
     assert drain().sent == 1 and data_plane.message_ids() == [new.message_id]
 
 
