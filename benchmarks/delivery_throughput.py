@@ -320,6 +320,28 @@ def percentile(values: list[float], q: float) -> float:
     )
 
 
+def setup_delivery(url: str, database: str, queue: str) -> dict[str, str]:
+    """Set up Django in this process for a delivery benchmark (Celery delivery to the data plane
+    at ``url``, the database ``database``, the queue ``queue`` on an emptied Redis database
+    :data:`BROKER_URL`); the environment its worker processes need."""
+    cdp = {"WRITE_KEY": WRITE_KEY, "DATA_PLANE_URL": url, "DELIVERY": "celery", "QUEUE": queue}
+    os.environ["CDP_BENCH_CDP"] = json.dumps(cdp)
+    os.environ["CDP_BENCH_DB"] = database
+    os.environ["DJANGO_SETTINGS_MODULE"] = "benchmarks.delivery_settings"
+    import django
+
+    django.setup()
+    import redis
+
+    redis.Redis.from_url(BROKER_URL).flushdb()
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "CDP_BENCH_DB": database,
+        "CDP_BENCH_BROKER_URL": BROKER_URL,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=100_000)
@@ -334,31 +356,11 @@ def main() -> None:
     args = parser.parse_args()
 
     plane = DataPlane()  # forked before Django and psycopg are loaded
-    cdp = {
-        "WRITE_KEY": WRITE_KEY,
-        "DATA_PLANE_URL": plane.url,
-        "DELIVERY": "celery",
-        "QUEUE": QUEUE,
-    }
-    os.environ["CDP_BENCH_CDP"] = json.dumps(cdp)
-    os.environ["CDP_BENCH_DB"] = DB_NAME
-    os.environ["DJANGO_SETTINGS_MODULE"] = "benchmarks.delivery_settings"
-    import django
-
-    django.setup()
-    import redis
-
-    redis.Redis.from_url(BROKER_URL).flushdb()
+    env = setup_delivery(plane.url, DB_NAME, QUEUE)
     from benchmarks.delivery_celery import app
 
     app.set_current()
     logdir = Path(tempfile.mkdtemp(prefix="cdp-bench-"))
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "CDP_BENCH_DB": DB_NAME,
-        "CDP_BENCH_BROKER_URL": BROKER_URL,
-    }
     n = args.messages
     try:
         with _common.bench_database():

@@ -25,8 +25,6 @@ Redis database 14. Results go to ``docs/benchmarks.md`` under "Outage recovery".
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import tempfile
 import threading
@@ -40,12 +38,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import _common  # noqa: E402
-from benchmarks.delivery_throughput import Workers  # noqa: E402
+from benchmarks.delivery_throughput import (  # noqa: E402
+    WRITE_KEY,
+    Workers,
+    setup_delivery,
+)
 from django_cdp.devserver import DataPlaneServer  # noqa: E402
 
-WRITE_KEY = "bench-write-key"
 DB_NAME = "cdp_bench_outage"
-BROKER_URL = "redis://127.0.0.1:6379/14"
 QUEUE = "cdp-bench-outage"
 
 
@@ -113,30 +113,10 @@ def main() -> None:
     args = parser.parse_args()
 
     plane = OutageDataPlane().start()
-    cdp = {
-        "WRITE_KEY": WRITE_KEY,
-        "DATA_PLANE_URL": plane.url,
-        "DELIVERY": "celery",
-        "QUEUE": QUEUE,
-    }
-    os.environ["CDP_BENCH_CDP"] = json.dumps(cdp)
-    os.environ["CDP_BENCH_DB"] = DB_NAME
-    os.environ["DJANGO_SETTINGS_MODULE"] = "benchmarks.delivery_settings"
-    import django
-
-    django.setup()
-    import redis
-
+    env = setup_delivery(plane.url, DB_NAME, QUEUE)
     from benchmarks.delivery_celery import app
 
-    redis.Redis.from_url(BROKER_URL).flushdb()
     app.set_default()  # the writer's thread kicks through it too
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "CDP_BENCH_DB": DB_NAME,
-        "CDP_BENCH_BROKER_URL": BROKER_URL,
-    }
     logdir = Path(tempfile.mkdtemp(prefix="cdp-drill-"))
     try:
         with _common.bench_database():
