@@ -9,7 +9,8 @@ In one run, against one loopback data plane (``django_cdp.devserver.DataPlaneSer
 in its own process, checking auth and every message like rudder-server, gzip on):
 
 * **django-cdp, 1 and 2 workers**: a backlog of N outbox rows (realistic
-  ``Payout Created`` track messages, written before the clock starts) drained by
+  ``Payout Created`` track messages as the trigger engine writes them, or with
+  ``--engine signals`` as the signal engine does; written before the clock starts) drained by
   real ``celery worker -P solo`` processes with default settings (batches of at
   most 500 KB / 2,500 messages, gzip, claim/send/fenced write-back, synchronous
   commits). Timed from publishing the ``deliver`` tasks to the last message
@@ -197,7 +198,14 @@ def properties(i: int) -> dict[str, Any]:
     return {"id": i, "amount": Decimal("125.50"), "currency": "EUR", "status": "pending"}
 
 
-def write_backlog(n: int) -> None:
+#: What the trigger engine remembers about a created Payout (``Message.capture``).
+CURRENT = {"amount": 125.5, "currency": "EUR", "status": "pending"}
+
+
+def write_backlog(n: int, engine: str = "triggers") -> None:
+    """N ``Payout Created`` rows as ``engine`` writes them: the trigger engine (PostgreSQL's
+    default) leaves its transaction's id and what it remembers (``xid``, ``capture``) on
+    each row, which the claim then finishes; the signal engine leaves both empty."""
     from django.db import connection
 
     from django_cdp import payloads
@@ -218,6 +226,11 @@ def write_backlog(n: int) -> None:
                 payload=payloads.encode(message),
                 source_model="payouts.payout",
                 source_pk=str(i),
+                **(
+                    {"xid": 1_000 + i, "capture": {"action": "created", "current": CURRENT}}
+                    if engine == "triggers"
+                    else {}
+                ),
             )
         )
         if len(rows) == 10_000:
@@ -228,12 +241,14 @@ def write_backlog(n: int) -> None:
         cursor.execute("VACUUM ANALYZE django_cdp_message")
 
 
-def run_cdp(n: int, workers: int, plane: DataPlane, env: dict[str, str], logdir: Path) -> float:
+def run_cdp(
+    n: int, workers: int, plane: DataPlane, env: dict[str, str], logdir: Path, engine: str
+) -> float:
     from django_cdp.models import Message
     from django_cdp.tasks import deliver
 
     plane.ask("reset")
-    write_backlog(n)
+    write_backlog(n, engine)
     pool = Workers(workers, QUEUE, env, logdir)
     try:
         started = time.time()
@@ -345,6 +360,12 @@ def setup_delivery(url: str, database: str, queue: str) -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument(
+        "--engine",
+        choices=["triggers", "signals"],
+        default="triggers",
+        help="which capture engine's rows make the backlog (default: triggers, PostgreSQL's)",
+    )
     parser.add_argument("--latency-rate", type=float, default=200.0)
     parser.add_argument("--latency-seconds", type=float, default=15.0)
     parser.add_argument(
@@ -367,9 +388,9 @@ def main() -> None:
             print(f"# {_common.machine()}; git {_common.git_revision()}", flush=True)
             sdk = run_sdk(n, plane)
             print(f"rudder-sdk-python: {sdk:,.0f} msg/s", flush=True)
-            one = run_cdp(n, 1, plane, env, logdir)
+            one = run_cdp(n, 1, plane, env, logdir, args.engine)
             print(f"django-cdp, 1 worker: {one:,.0f} msg/s", flush=True)
-            two = run_cdp(n, 2, plane, env, logdir)
+            two = run_cdp(n, 2, plane, env, logdir, args.engine)
             print(f"django-cdp, 2 workers: {two:,.0f} msg/s", flush=True)
             latencies = {
                 debounce: run_latency(

@@ -239,12 +239,15 @@ _CLAIM_COLUMNS = (
     "user_id",
     "payload",
     "attempts",
-    "xid",
+    "fresh",
     "source_model",
     "source_pk",
     "hour",
 )
 
+
+#: Whether a row is a capture trigger's that no claim has taken yet (see :func:`_finish`).
+_FRESH = ExpressionWrapper(Q(capture__isnull=False), output_field=BooleanField())
 
 #: The hour a message was written in (its counters' bucket), as text: a few distinct
 #: values per batch, parsed once each (:func:`_hour_of`) instead of a datetime per row.
@@ -290,7 +293,9 @@ class _Candidate(NamedTuple):
     user_id: str
     payload: str
     attempts: int
-    xid: int | None
+    #: Written by a capture trigger and not claimed before (``capture`` set): its
+    #: Python part (:func:`_finish`) is still to run.
+    fresh: bool
     source_model: str
     source_pk: str
     hour: datetime
@@ -327,7 +332,7 @@ def claim(
             Claimed(r.id, r.message_id, r.type, r.user_id, r.payload, r.attempts, r.hour)
             for r in leased
         ]
-        fresh = {r.id: (r.source_model, r.source_pk) for r in leased if r.xid is not None}
+        fresh = {r.id: (r.source_model, r.source_pk) for r in leased if r.fresh}
         if fresh:
             rows = _finish(using, rows, fresh)
     return Batch(rows, more, superseded)
@@ -342,15 +347,14 @@ def _due(using: str, probe: bool) -> Any:
 
 
 def _lease_fields(token: str, lease_seconds: float) -> dict[str, Any]:
-    """What a claim writes on the rows it leases: the attempt, the lease, and ``xid`` and
-    ``capture`` cleared (a row written by a capture trigger is finished now: its
-    transaction is over)."""
+    """What a claim writes on the rows it leases: the attempt, the lease, and ``capture``
+    cleared (a row written by a capture trigger is finished now: its transaction is over).
+    None of these columns is indexed, so the update is HOT where the page has room."""
     return {
         "attempts": F("attempts") + 1,
         "locked_by": token,
         "locked_until": Now() + timedelta(seconds=lease_seconds),
         "last_attempt_at": Now(),
-        "xid": None,
         "capture": None,
     }
 
@@ -363,11 +367,12 @@ def _lease_in_one_statement(
     The due rows are locked with ``SKIP LOCKED`` (another claim passes them over), a
     window sums their wire sizes in claim order, and the rows within the budget are
     leased; the ``RETURNING`` list gives back what sending needs, with the attempt
-    count after this claim and the ``xid`` before it. One statement instead of a
+    count after this claim and whether ``capture`` was set before it. One statement instead of a
     ``SELECT`` and an ``UPDATE`` of a thousand ids.
     """
     connection = connections[using]
-    due = _due(using, probe).values("id", "xid", "next_attempt_at", "last_attempt_at")
+    due = _due(using, probe).values("id", "next_attempt_at", "last_attempt_at")
+    due = due.annotate(fresh=_FRESH)
     due = due.annotate(size=Func(F("payload"), function="OCTET_LENGTH"))
     select, select_params = (
         due.select_for_update(skip_locked=True)[:limit].query.get_compiler(using).as_sql()
@@ -376,15 +381,15 @@ def _lease_in_one_statement(
     table = connection.ops.quote_name(Message._meta.db_table)
     sql = (
         f"WITH candidates AS ({select}), "
-        f"budget AS (SELECT id, xid, row_number() OVER w AS position, count(*) OVER () AS found, "
+        f"budget AS (SELECT id, fresh, row_number() OVER w AS position, count(*) OVER () AS found, "
         f"sum(size + %s) OVER w AS running FROM candidates WINDOW w AS (ORDER BY {window})) "
         # The columns _lease_fields() writes on other backends.
         f"UPDATE {table} SET attempts = {table}.attempts + 1, locked_by = %s, "
         f"locked_until = STATEMENT_TIMESTAMP() + %s * INTERVAL '1 second', "
-        f"last_attempt_at = STATEMENT_TIMESTAMP(), xid = NULL, capture = NULL FROM budget "
+        f"last_attempt_at = STATEMENT_TIMESTAMP(), capture = NULL FROM budget "
         f"WHERE {table}.id = budget.id AND (budget.position = 1 OR budget.running <= %s) "
         f"RETURNING budget.position, budget.found, {table}.id, {table}.message_id, "
-        f"{table}.type, {table}.user_id, {table}.payload, {table}.attempts, budget.xid, "
+        f"{table}.type, {table}.user_id, {table}.payload, {table}.attempts, budget.fresh, "
         f"{table}.source_model, {table}.source_pk, "
         f"date_trunc('hour', {table}.created_at AT TIME ZONE 'UTC')::text"
     )
@@ -411,7 +416,7 @@ def _lease_conditionally(
         due = due.select_for_update(skip_locked=True)
     candidates = [
         _Candidate._make((*row[:-1], _hour_of(row[-1])))
-        for row in due.annotate(hour=_HOUR).values_list(*_CLAIM_COLUMNS)[:limit]
+        for row in due.annotate(fresh=_FRESH, hour=_HOUR).values_list(*_CLAIM_COLUMNS)[:limit]
     ]
     taken: list[_Candidate] = []
     size = 0
@@ -491,7 +496,6 @@ def _latest_identifies(
     supersede = {
         "status": Message.Status.SUPERSEDED,
         "last_error": SUPERSEDED_ERROR,
-        "xid": None,
         "capture": None,
         **_CLEAR_LEASE,
     }
@@ -520,7 +524,7 @@ def _finish(using: str, rows: list[Claimed], fresh: dict[int, tuple[str, str]]) 
     instead, through the one row builder (:func:`~django_cdp.capture.rows.build_row`).
     A message that is blocked, or fails (the hook raised), is written with its
     status and leaves the batch; one the hook changed is written with its new text.
-    The claim cleared ``xid``, so a retry does not run them again.
+    The claim cleared ``capture``, so a retry does not run them again.
     """
     hook = cdp_settings.ENRICH_MESSAGE
     listeners = message_created.has_listeners(Message)

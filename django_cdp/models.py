@@ -87,24 +87,26 @@ class Message(models.Model):
         null=True,
         blank=True,
         editable=False,
-        help_text="The id of the database transaction that wrote the row, while a trigger "
-        "may still coalesce into it; delivery clears it when it claims the row.",
+        help_text="The id of the database transaction whose capture triggers wrote the row "
+        "(empty for the signal engine's rows).",
     )
     capture = models.JSONField(
         null=True,
         blank=True,
         editable=False,
         help_text="What the capture triggers remember about the row within its transaction "
-        "(the action, the reference values of an update, an identify's traits digest).",
+        "(the action, the reference values of an update, an identify's traits digest); "
+        "delivery clears it when it claims the row.",
     )
 
     class Meta:
         verbose_name = "message"
         verbose_name_plural = "messages"
         ordering = ["-id"]
-        # Every index is paid for twice per message (delivery updates each row at claim and
-        # at outcome), so there are only these, each for a query that needs it, and no
-        # LIKE-pattern twins (no `unique=True` / `db_index=True` on text columns).
+        # Every index is paid for twice per message (when the row is written, and at its
+        # outcome: a status change is never a HOT update), so there are only these, each
+        # for a query that needs it, and no LIKE-pattern twins (no `unique=True` /
+        # `db_index=True` on text columns). The claim writes only columns no index holds.
         constraints = [
             models.UniqueConstraint(fields=["message_id"], name="django_cdp_message_message_id"),
         ]
@@ -131,13 +133,12 @@ class Message(models.Model):
             # Exact-match search and per-user erasure.
             models.Index(fields=["user_id", "id"], name="django_cdp_message_user_id"),
             models.Index(fields=["event", "id"], name="django_cdp_message_event"),
-            models.Index(fields=["source_model", "source_pk"], name="django_cdp_message_source"),
-            # The capture triggers' lookup of the rows their transaction wrote: only rows
-            # not yet claimed by delivery (xid set), so it stays small.
+            # One object's messages (the admin's object view, backfill's dedupe), and the
+            # capture triggers' lookup of the rows their own transaction wrote for an
+            # object (``xid`` last, an exact match). ``xid`` stays on a row once it is
+            # written, so claiming a row changes no indexed column (a HOT update).
             models.Index(
-                fields=["xid", "source_model", "source_pk"],
-                condition=Q(xid__isnull=False),
-                name="django_cdp_message_open",
+                fields=["source_model", "source_pk", "xid"], name="django_cdp_message_source_xid"
             ),
         ]
 

@@ -11,11 +11,12 @@ the rows the signal engine writes for the same change (same events, properties,
 * **One event per object per transaction.** Rows a transaction writes carry its
   id (``xid``) and what the triggers must remember (``capture``: the action, an
   update's reference values, an identify's digest) until delivery claims them.
-  A later statement of the same transaction finds them through a small partial
-  index and rewrites or deletes them: create then update is one ``Created`` with
-  the final values; update then delete only ``Deleted``; create then delete
-  nothing; changes that cancel out nothing. A rolled-back savepoint takes its
-  rows with it, so nothing else needs to be remembered.
+  A later statement of the same transaction finds them through the outbox's
+  ``(source_model, source_pk, xid)`` index and rewrites or deletes them: create
+  then update is one ``Created`` with the final values; update then delete only
+  ``Deleted``; create then delete nothing; changes that cancel out nothing. A
+  rolled-back savepoint takes its rows with it, so nothing else needs to be
+  remembered.
 * **Identifies** are computed by one generated function per identity model:
   traits read in the database, their digest compared with ``TraitsDigest``, at
   most one identify row per owner and transaction, rewritten with the final
@@ -85,7 +86,7 @@ REFERENCING = {
     "delete": "REFERENCING OLD TABLE AS old_rows",
 }
 #: How the generated SQL is laid out: change it and every installed trigger is outdated.
-SQL_VERSION = "3"
+SQL_VERSION = "4"
 
 
 # --- names ----------------------------------------------------------------------------------------
@@ -277,8 +278,21 @@ class Generator:
         """This transaction's rows of ``label`` objects whose pk is in the ``keys`` query."""
         return (
             f"SELECT m.id, m.source_pk, m.message_id, m.capture FROM {self.message} m "
-            f"WHERE m.xid = x AND m.source_model = {literal(label)} AND m.type = {literal(kind)} "
-            f"AND m.source_pk IN ({keys})"
+            f"WHERE {self._written_here(label, keys)} AND m.type = {literal(kind)}"
+        )
+
+    @staticmethod
+    def _written_here(label: str, keys: str) -> str:
+        """Rows ``m`` this transaction wrote for the ``label`` objects whose pk is in ``keys``.
+
+        An exact match on the ``(source_model, source_pk, xid)`` index. ``capture`` is set
+        until delivery claims a row, so a row is never taken for this transaction's
+        however its ``xid`` came about (a database restored into a new cluster counts
+        transaction ids from the start again).
+        """
+        return (
+            f"m.source_model = {literal(label)} AND m.source_pk IN ({keys}) AND m.xid = x "
+            "AND m.capture IS NOT NULL"
         )
 
     # --- one model ------------------------------------------------------------------------
@@ -443,9 +457,9 @@ class Generator:
             # The owner goes: its identify of this transaction goes too, with the digest.
             identity_label = identity.model._meta.label_lower
             ctes += [
-                f"idgone AS (DELETE FROM {self.message} m WHERE m.xid = x "
-                f"AND m.source_model = {literal(identity_label)} AND m.type = 'identify' "
-                f"AND m.source_pk IN (SELECT {pk_c} FROM c) RETURNING m.user_id, m.message_id)",
+                f"idgone AS (DELETE FROM {self.message} m WHERE "
+                f"{self._written_here(identity_label, f'SELECT {pk_c} FROM c')} "
+                "AND m.type = 'identify' RETURNING m.user_id, m.message_id)",
                 f"forgot AS (DELETE FROM {self.digests} d USING idgone "
                 "WHERE d.user_id = idgone.user_id AND d.message_id = idgone.message_id)",
             ]

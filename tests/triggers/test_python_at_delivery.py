@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from django.db import connection, transaction
 
 from django_cdp import delivery
 from django_cdp.models import Message
@@ -28,12 +29,36 @@ def test_the_enrichment_hook_runs_at_the_claim_and_once(shop):
         Payout.objects.create(shop=shop, amount=Decimal("5"), currency="EUR")
         (stored,) = Message.objects.filter(type="track")
         assert stored.data["properties"]["amount"] == Decimal("5.00")  # as the trigger wrote it
-        assert stored.xid is not None
+        assert stored.capture is not None
         (row,) = claim()
     stored.refresh_from_db()
     assert stored.data["properties"]["amount"] == "5.00"  # the hook ran
     assert row.payload == stored.payload  # and what is sent is what is stored
-    assert (stored.xid, stored.capture) == (None, None)  # finished: a retry does not rerun it
+    assert stored.capture is None  # finished: a retry does not rerun it
+    assert stored.xid is not None  # kept: the claim writes no indexed column
+
+
+def test_claiming_trigger_written_rows_updates_them_in_place(shop):
+    """The claim of a trigger's rows is a HOT update: no new entry in any outbox index."""
+    for amount in ("1", "2", "3"):
+        Payout.objects.create(shop=shop, amount=Decimal(amount), currency="EUR")
+    assert Message.objects.filter(type="track", xid__isnull=False).count() == 3
+
+    def updates() -> tuple[int, int]:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables WHERE relname = %s",
+                [Message._meta.db_table],
+            )
+            row = cursor.fetchone()
+        return (row[0], row[1]) if row else (0, 0)
+
+    with transaction.atomic():  # the statistics of one transaction, read inside it
+        before = updates()
+        assert len(claim()) == 3
+        after = updates()
+    updated, in_place = after[0] - before[0], after[1] - before[1]
+    assert updated >= 3 and in_place == updated
 
 
 def test_block_mode_keeps_a_violating_message_back_at_the_claim(shop):
