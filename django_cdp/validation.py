@@ -113,7 +113,11 @@ class _QuickCheck:
     stays the judge of what a violation is.
     """
 
+    #: How many shapes (keys and value types) of one member's values have their verdict kept.
+    SHAPES = 256
+
     def __init__(self, schema: dict[str, Any]) -> None:
+        self.verdicts: dict[tuple[tuple[str, ...], tuple[type, ...]], bool] = {}
         self.required = frozenset(schema.get("required", ()))
         self.closed = schema.get("additionalProperties", True) is False
         self.checks = {
@@ -129,7 +133,25 @@ class _QuickCheck:
         }
 
     def conforms(self, value: Any) -> bool:
-        if not self.usable or not isinstance(value, dict) or not self.required <= value.keys():
+        """Whether ``value`` surely conforms.
+
+        The verdict depends only on the keys and on the types of the values when no value
+        is a list (whose items are checked too), and the messages of one event nearly
+        always share keys and types: it is computed once per such shape.
+        """
+        if not self.usable or not isinstance(value, dict):
+            return False
+        types = tuple(map(type, value.values()))
+        shape = (tuple(value), types)
+        verdict = self.verdicts.get(shape)
+        if verdict is None:
+            verdict = self._conforms(value)
+            if len(self.verdicts) < self.SHAPES and all(t in _FLAT for t in types):
+                self.verdicts[shape] = verdict
+        return verdict
+
+    def _conforms(self, value: dict[str, Any]) -> bool:
+        if not self.required <= value.keys():
             return False
         for name, item in value.items():
             checks = self.checks.get(name, _UNPLANNED)
@@ -173,6 +195,8 @@ def _quick_value_check(prop: Any) -> Any:
 
 
 _UNPLANNED = object()
+#: Value types whose quick check depends on the type alone (a list's depends on its items).
+_FLAT = frozenset({str, int, float, Decimal, bool, type(None), dict})
 
 
 @dataclass
@@ -269,18 +293,35 @@ def _errors(compiled: _Member, member: str, value: Any) -> list[dict[str, Any]]:
     return list(unique.values())
 
 
+def _member_of(message: dict[str, Any]) -> tuple[_Member | None, str, Any]:
+    """The compiled plan of the message's constrained member (None: an unplanned event),
+    the member's name and its value."""
+    compiled = _compiled()
+    if message.get("type") == "identify":
+        return compiled.identify, "traits", message.get("traits")
+    return compiled.events.get(message.get("event", "")), "properties", message.get("properties")
+
+
+def surely_conforms(message: dict[str, Any]) -> bool:
+    """Whether the message certainly follows the plan, by the quick check alone.
+
+    False means "not sure": :func:`violations_of` is the judge. For messages that
+    are nearly always fine and must be checked in bulk (trigger-written messages
+    at their claim), where the full check is needed only for the rest.
+    """
+    member, _, value = _member_of(message)
+    return member is not None and member.quick.conforms(value)
+
+
 def violations_of(message: dict[str, Any]) -> list[dict[str, Any]]:
     """The tracking-plan violations of one message (empty when it conforms).
 
     Public so that code writing messages outside the outbox writer (a backfill's
     ``bulk_create``) can validate them the same way.
     """
-    compiled = _compiled()
-    if message.get("type") == "identify":
-        return _errors(compiled.identify, "traits", message.get("traits"))
-    event = message.get("event", "")
-    validator = compiled.events.get(event)
+    validator, member, value = _member_of(message)
     if validator is None:
+        event = message.get("event", "")
         return [
             _violation(
                 UNPLANNED_EVENT,
@@ -290,7 +331,7 @@ def violations_of(message: dict[str, Any]) -> list[dict[str, Any]]:
                 "#",
             )
         ]
-    return _errors(validator, "properties", message.get("properties"))
+    return _errors(validator, member, value)
 
 
 def validate(message: dict[str, Any]) -> Verdict:

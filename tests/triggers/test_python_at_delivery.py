@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 
 import pytest
 from django.db import connection, transaction
 
-from django_cdp import delivery
+from django_cdp import delivery, payloads
 from django_cdp.models import Message
 from django_cdp.signals import message_created
 from example_project.payouts.models import Payout
@@ -71,6 +72,34 @@ def test_block_mode_keeps_a_violating_message_back_at_the_claim(shop):
     blocked = Message.objects.get(status="blocked")
     assert "Additional-Properties" in str(blocked.violations)
     assert (blocked.locked_by, blocked.attempts) == ("", 0)
+
+
+def test_a_message_that_breaks_the_plan_is_kept_back_without_any_hook(shop):
+    """With no hook and no listener the claim checks each message quickly, and still keeps
+    back one the plan refuses: here as a column whose type drifted from its model field
+    (a text ``amount``) makes the trigger write it."""
+    Payout.objects.create(shop=shop, amount=Decimal("5"), currency="EUR")
+    good = Message.objects.get(type="track")
+    drifted = json.loads(good.payload)
+    drifted["properties"]["amount"] = "five"
+    drifted["messageId"] = "drifted"
+    Message.objects.create(
+        message_id="drifted",
+        type="track",
+        event=good.event,
+        user_id=good.user_id,
+        payload=payloads.encode(drifted),
+        source_model=good.source_model,
+        source_pk=good.source_pk,
+        xid=good.xid,
+        capture=good.capture,
+    )
+    with django_cdp_settings(VALIDATION="block"):
+        rows = claim()
+    assert [row.message_id for row in rows] == [good.message_id]
+    blocked = Message.objects.get(message_id="drifted")
+    assert blocked.status == "blocked"
+    assert "/properties/amount" in str(blocked.violations)
 
 
 def test_message_created_is_sent_at_the_claim(shop):

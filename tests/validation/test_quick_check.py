@@ -64,3 +64,17 @@ def test_a_format_keyword_is_left_to_jsonschema():
 def test_a_schema_with_unknown_keywords_is_never_judged_quickly():
     schema = {**SCHEMA, "minProperties": 3}
     assert not _QuickCheck(schema).conforms({"id": 1, "name": "a"})
+
+
+def test_one_check_remembers_verdicts_per_shape_and_never_lets_a_violation_through():
+    """A check that saw every value before any other keeps to jsonschema's verdicts: a
+    verdict is remembered per keys and value types, lists are checked item by item."""
+    check = _QuickCheck(SCHEMA)
+    validator = Draft7Validator(SCHEMA, format_checker=Draft7Validator.FORMAT_CHECKER)
+    for value in VALUES * 2:  # the second round answers from what the first remembered
+        if check.conforms(value):
+            assert list(validator.iter_errors(value)) == []
+    assert check.conforms({"id": 1, "name": "a", "changed_fields": ["amount"]})
+    assert not check.conforms({"id": 1, "name": "a", "changed_fields": [3]})  # same shape
+    assert check.conforms({"id": 2, "name": "b"})  # remembered, for other values too
+    assert not check.conforms({"id": "2", "name": "b"})
