@@ -4,8 +4,8 @@
 
 Needs PostgreSQL on 127.0.0.1:5432 (user postgres; ``CDP_BENCH_PG_*`` override).
 Creates the database ``cdp_bench_admin``, fills it with ``generate_series`` (80%
-sent, 10% failed, 5% pending, 5% skipped, spread over 8 days, 12 event names,
-50,000 users; ``next_attempt_at`` is the write time, as the column's default makes
+sent, 10% failed, 5% pending, 5% skipped, spread over 8 days, 11 event names and
+a rare twelfth (one message in 10,000: ``Shop Deleted``), 50,000 users; ``next_attempt_at`` is the write time, as the column's default makes
 it) and the hourly counters delivery would have kept for them, vacuums it (as
 autovacuum soon does to a table that received that many rows: it sets the
 visibility map, which index-only scans rely on; ``--no-vacuum`` measures the
@@ -38,10 +38,11 @@ INSERT INTO django_cdp_message (message_id, type, event, user_id, payload, statu
     sent_at, source_model, source_pk, violations)
 SELECT 'bench-' || g,
        'track',
-       (ARRAY['Payout Created','Payout Updated','Payout Deleted','Shop Created','Shop Updated',
-              'Shop Deleted','Account Mapping Created','Account Mapping Updated',
-              'Account Mapping Deleted','Shop Settings Created','Shop Settings Updated',
-              'Shop Settings Deleted'])[1 + g %% 12],
+       CASE WHEN g %% 10000 = 0 THEN 'Shop Deleted'
+            ELSE (ARRAY['Payout Created','Payout Updated','Payout Deleted','Shop Created',
+                        'Shop Updated','Account Mapping Created','Account Mapping Updated',
+                        'Account Mapping Deleted','Shop Settings Created',
+                        'Shop Settings Updated','Shop Settings Deleted'])[1 + g %% 11] END,
        (g %% 50000)::text,
        '{"type":"track","event":"Payout Created","userId":"' || (g %% 50000) ||
            '","properties":{"amount":"12.50","currency":"EUR"}}',
@@ -76,6 +77,10 @@ PAGES = [
     ("changelist, status=failed", "/admin/django_cdp/message/?status__exact=failed"),
     ("changelist, search userId", "/admin/django_cdp/message/?q=4242"),
     ("changelist, event + 24h", "/admin/django_cdp/message/?event=Shop+Updated&created=24h"),
+    ("changelist, common event", "/admin/django_cdp/message/?event=Payout+Created"),
+    ("changelist, rare event", "/admin/django_cdp/message/?event=Shop+Deleted"),
+    ("changelist, search event name", "/admin/django_cdp/message/?q=Payout+Created"),
+    ("event dictionary", "/admin/django_cdp/message/dictionary/"),
     ("live data (JSON)", "/admin/django_cdp/message/live/data/"),
     ("health page", "/admin/django_cdp/message/health/"),
 ]
