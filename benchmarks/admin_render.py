@@ -5,11 +5,11 @@
 Needs PostgreSQL on 127.0.0.1:5432 (user postgres; ``CDP_BENCH_PG_*`` override).
 Creates the database ``cdp_bench_admin``, fills it with ``generate_series`` (80%
 sent, 10% failed, 5% pending, 5% skipped, spread over 8 days, 11 event names and
-a rare twelfth (one message in 10,000: ``Shop Deleted``), 50,000 users; ``next_attempt_at`` is the write time, as the column's default makes
-it) and the hourly counters delivery would have kept for them, vacuums it (as
-autovacuum soon does to a table that received that many rows: it sets the
-visibility map, which index-only scans rely on; ``--no-vacuum`` measures the
-table before that), renders
+a rare twelfth (one message in 10,000: ``Shop Deleted``), 50,000 users;
+``next_attempt_at`` is the write time, as the column's default makes it) and the
+hourly counters delivery would have kept for them, vacuums it (as autovacuum soon
+does to a table that received that many rows: it sets the visibility map, which
+index-only scans rely on; ``--no-vacuum`` measures the table before that), renders
 each page ``--repeat`` times through Django's test client as a superuser and
 prints the median and p95 wall time, then drops the database.
 Self-contained (tests.settings on PostgreSQL), so it runs without the others.

@@ -487,7 +487,7 @@ def _latest_identifies(
         )
     in_flight = {r[1] for r in older if r[3] or r[0] not in lockable}
     theirs = [
-        _Candidate(r[0], "", IDENTIFY, r[1], "", 0, None, "", "", _hour_of(r[4]))
+        _Candidate(r[0], "", IDENTIFY, r[1], "", 0, False, "", "", _hour_of(r[4]))
         for r in older
         if r[0] in lockable and not r[3]
     ]
