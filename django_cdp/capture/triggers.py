@@ -286,8 +286,8 @@ class Generator:
         """Rows ``m`` this transaction wrote for the ``label`` objects whose pk is in ``keys``.
 
         An exact match on the ``(source_model, source_pk, xid)`` index. ``capture`` is set
-        until delivery claims a row, so a row is never taken for this transaction's
-        however its ``xid`` came about (a database restored into a new cluster counts
+        until delivery claims a row, so a claimed row is never taken for one of this
+        transaction's, whatever its ``xid`` (a database restored into a new cluster counts
         transaction ids from the start again).
         """
         return (
