@@ -30,6 +30,17 @@ OLD = [
 
 def forwards(apps, schema_editor):
     if schema_editor.connection.vendor == "postgresql":
+        # A concurrent build that failed (cancelled, deadlocked) leaves an invalid index
+        # behind, which writes still maintain and queries never use: build it again.
+        with schema_editor.connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT NOT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                "WHERE c.relname = %s AND pg_table_is_visible(c.oid)",
+                [NEW.name],
+            )
+            row = cursor.fetchone()
+        if row and row[0]:
+            schema_editor.execute(f"DROP INDEX CONCURRENTLY {NEW.name}")
         schema_editor.execute(
             f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {NEW.name} "
             f"ON {TABLE} (source_model, source_pk, xid)"
