@@ -79,14 +79,16 @@ def decode(value: str) -> str | None:
             decoded = json.loads(text) if text.startswith('"') else text
     except (ValueError, binascii.Error, UnicodeDecodeError):
         return None
-    return _valid(decoded)
+    return short_text(decoded, MAX_LENGTH)
 
 
-def _valid(value: object) -> str | None:
+def short_text(value: object, limit: int) -> str | None:
+    """A value the visitor sent (a cookie, a header) if it is short, printable text, stripped;
+    None otherwise: such values are ignored, never an error."""
     if not isinstance(value, str):
         return None
     value = value.strip()
-    if not value or len(value) > MAX_LENGTH or not value.isprintable():
+    if not value or len(value) > limit or not value.isprintable():
         return None
     return value
 

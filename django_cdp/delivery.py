@@ -372,8 +372,7 @@ def _lease_in_one_statement(
     """
     connection = connections[using]
     due = _due(using, probe).values("id", "next_attempt_at", "last_attempt_at")
-    due = due.annotate(fresh=_FRESH)
-    due = due.annotate(size=Func(F("payload"), function="OCTET_LENGTH"))
+    due = due.annotate(fresh=_FRESH, hour=_HOUR, size=Func(F("payload"), function="OCTET_LENGTH"))
     select, select_params = (
         due.select_for_update(skip_locked=True)[:limit].query.get_compiler(using).as_sql()
     )
@@ -381,7 +380,8 @@ def _lease_in_one_statement(
     table = connection.ops.quote_name(Message._meta.db_table)
     sql = (
         f"WITH candidates AS ({select}), "
-        f"budget AS (SELECT id, fresh, row_number() OVER w AS position, count(*) OVER () AS found, "
+        f"budget AS (SELECT id, fresh, hour, row_number() OVER w AS position, "
+        "count(*) OVER () AS found, "
         f"sum(size + %s) OVER w AS running FROM candidates WINDOW w AS (ORDER BY {window})) "
         # The columns _lease_fields() writes on other backends.
         f"UPDATE {table} SET attempts = {table}.attempts + 1, locked_by = %s, "
@@ -390,8 +390,7 @@ def _lease_in_one_statement(
         f"WHERE {table}.id = budget.id AND (budget.position = 1 OR budget.running <= %s) "
         f"RETURNING budget.position, budget.found, {table}.id, {table}.message_id, "
         f"{table}.type, {table}.user_id, {table}.payload, {table}.attempts, budget.fresh, "
-        f"{table}.source_model, {table}.source_pk, "
-        f"date_trunc('hour', {table}.created_at AT TIME ZONE 'UTC')::text"
+        f"{table}.source_model, {table}.source_pk, budget.hour"
     )
     params = [*select_params, transport.PER_MESSAGE_OVERHEAD, token, lease_seconds, budget]
     with connection.cursor() as cursor:
@@ -528,11 +527,12 @@ def _finish(using: str, rows: list[Claimed], fresh: dict[int, tuple[str, str]]) 
     """
     hook = cdp_settings.ENRICH_MESSAGE
     listeners = message_created.has_listeners(Message)
-    if hook is None and cdp_settings.VALIDATION == "off" and not listeners:
+    validation_only = hook is None and not listeners
+    if validation_only and cdp_settings.VALIDATION == "off":
         return rows
     kept = []
     for row in rows:
-        if row.id not in fresh or (hook is None and not listeners and _conforms(row.payload)):
+        if row.id not in fresh or (validation_only and _conforms(row.payload)):
             # Nothing for Python to change: no hook, no listener, and the message follows
             # the tracking plan, so the row builder would return it as the trigger wrote it
             # (the trigger already applied the userId rule and the size limit). Checking

@@ -70,12 +70,7 @@ def config() -> dict[str, Any]:
 
 def _text(value: Any, limit: int = MAX_HEADER) -> str | None:
     """A header's value if it is short, printable text; None otherwise."""
-    if not isinstance(value, str):
-        return None
-    value = value.strip()
-    if not value or len(value) > limit or not value.isprintable():
-        return None
-    return value
+    return anonymous.short_text(value, limit)
 
 
 def _address(value: str) -> str | None:
