@@ -244,9 +244,13 @@ class Generator:
             return f"    {call}\n"
         traits, error = self.sql.traits(identity, "r.s")
         _, uid = self.sql.identity_owner(identity, "r.s")
-        # The owners are gathered inside the check: one statement when nothing changed.
+        # The owners are gathered inside the check: one statement when nothing changed. The
+        # check only matches them against the identity's pks, so it takes them as they come
+        # (repeated, or NULL for a row without an owner): sorting out the distinct ones cost
+        # every write about 22k instructions, and only the identity function needs them.
+        candidates = f"ARRAY(SELECT {owner_pk} FROM {jsonb_rows(rows)} r)"
         changed = (
-            f"EXISTS (SELECT 1 FROM {self._identity_rows(identity, owners)} r "
+            f"EXISTS (SELECT 1 FROM {self._identity_rows(identity, candidates)} r "
             f"WHERE {error} IS NOT NULL OR md5(({traits})::text) IS DISTINCT FROM "
             f"(SELECT d.digest FROM {self.digests} d WHERE d.user_id = {uid}))"
         )
@@ -367,15 +371,13 @@ class Generator:
         def by_action(created: str, otherwise: str) -> str:
             return f"CASE WHEN b.action = 'created' THEN {created} ELSE {otherwise} END"
 
-        msg = by_action(
-            track_message(created_event, "b.uid", "b.props", integrations),
-            track_message(updated_event, "b.uid", with_changes, integrations),
-        )
+        updated_msg = track_message(updated_event, "b.uid", with_changes, integrations)
+        msg = by_action(track_message(created_event, "b.uid", "b.props", integrations), updated_msg)
         minimal = minimal_message("m.text", "track")
         event = by_action(literal(created_event), literal(updated_event)).replace("b.", "m.")
+        updated_capture = "jsonb_build_object('action', 'updated', 'reference', b.ref)"
         capture = by_action(
-            "jsonb_build_object('action', 'created', 'current', b.cur)",
-            "jsonb_build_object('action', 'updated', 'reference', b.ref)",
+            "jsonb_build_object('action', 'created', 'current', b.cur)", updated_capture
         ).replace("b.", "m.")
         where = self.sql.describe(config.model, "m.j")
         values = self._row_values("track", event, label, capture, where, minimal)
@@ -385,15 +387,15 @@ class Generator:
             f"{self.sql.tracked(config, 'r.oj')} AS old FROM {pairs} r {FENCE})"
         )
         # The rows that write or rewrite a message, and their messages.
-        b_m = [
+        b = (
             f"b AS ({self._base(config, 'f', '', f'COALESCE(r.entry_mid, {NEW_MESSAGE_ID})')}"
             " "
             "WHERE "
             "(r.action = 'created' AND r.cur IS DISTINCT FROM r.last) "
             "OR (r.action = 'updated' AND cardinality(r.changed) > 0) "
-            f"OR (r.action IS NULL AND cardinality(r.changed) > 0 AND {updated}))",
-            f"m AS ({self._measured(msg)})",
-        ]
+            f"OR (r.action IS NULL AND cardinality(r.changed) > 0 AND {updated}))"
+        )
+        b_m = [b, f"m AS ({self._measured(msg)})"]
         combined = [
             c,
             f"e AS ({self._open_entries(label, 'track', f'SELECT {pk_c} FROM c')})",
@@ -418,15 +420,27 @@ class Generator:
         body = self._guard() + f"    IF {self._flagged(TRACKED_SETTING)} THEN\n"
         body += "    WITH " + ",\n    ".join(combined) + f"\n    {insert};\n"
         if UPDATED in config.events:
-            # No track row of this transaction to combine with: new Updated rows only.
+            # No track row of this transaction to combine with: new Updated rows only, written
+            # without the Created branches (PostgreSQL prepares every branch of a CASE each
+            # time a statement runs, taken or not).
             changed = self.sql.changed_fields(config, "r.oj", "r.j", rows=True)
             first = [
                 "f AS (SELECT r.j, NULL::bigint AS entry_id, NULL::text AS entry_mid, "
                 "NULL::text AS action, NULL::jsonb AS cur, NULL::jsonb AS last, "
                 f"{self.sql.tracked(config, 'r.oj')} AS ref, {changed} AS changed "
                 f"FROM {pairs} r {FENCE})",
-                *b_m,
+                b,
+                f"m AS ({self._measured(updated_msg)})",
             ]
+            only_updated = self._row_values(
+                "track",
+                literal(updated_event),
+                label,
+                updated_capture.replace("b.", "m."),
+                where,
+                minimal,
+            )
+            insert = self._insert_messages(only_updated, "m")
             body += "    ELSE\n    WITH " + ",\n    ".join(first) + f"\n    {insert};\n"
             body += self._flag(TRACKED_SETTING)
         body += "    END IF;\n"

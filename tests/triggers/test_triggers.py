@@ -145,6 +145,21 @@ def test_unchanged_traits_send_no_identify(shop):
     assert messages(type="identify") == []
 
 
+def test_a_statement_of_many_rows_of_one_owner_identifies_it_once_when_traits_changed(shop):
+    """The digest check takes a statement's owners as they come (the same shop on every row):
+    one changed owner, however often it is named, gives one identify."""
+    with django_cdp.tracking_disabled():
+        Shop.objects.filter(pk=shop.pk).update(email="quiet@acme.example")
+    Payout.objects.bulk_create(payouts(shop, 5))
+    assert events() == ["Payout Created"] * 5
+    (identify,) = messages(type="identify")
+    assert identify["traits"]["email"] == "quiet@acme.example"
+    Message.objects.all().delete()
+    Payout.objects.filter(shop=shop).update(currency="USD")
+    assert events() == ["Payout Updated"] * 5
+    assert messages(type="identify") == []
+
+
 def test_a_deleted_owner_gets_its_deleted_and_no_identify(shop):
     Payout.objects.create(shop=shop, amount=Decimal("1"), currency="EUR")
     Message.objects.all().delete()
