@@ -66,6 +66,7 @@ from django.db.models import BooleanField, CharField, ExpressionWrapper, F, Func
 from django.db.models.functions import Cast, Now, TruncHour
 
 from django_cdp import transport, validation
+from django_cdp.capture import deferred
 from django_cdp.capture.rows import build_row
 from django_cdp.models import (
     DeliveryAttempt,
@@ -1105,6 +1106,18 @@ def _sender() -> ThreadPoolExecutor:
         return _sender_pool
 
 
+def _expand_deferred(using: str) -> None:
+    """Turn committed deferred statements into messages before claiming, so their messages
+    are delivered (and shown in the admin) like any other; a failure is logged and delivery
+    goes on with the messages there are (the statements stay for the next run)."""
+    try:
+        deferred.expand(using)
+    except Exception:
+        logger.exception(
+            "django-cdp: could not expand deferred statements on %r; they stay stored", using
+        )
+
+
 def drain(
     *,
     using: str = "default",
@@ -1114,6 +1127,8 @@ def drain(
 ) -> DrainResult:
     """Deliver due messages in batches until none is due or ``time_budget`` seconds pass.
 
+    First the statements the capture triggers deferred become their messages
+    (:func:`django_cdp.capture.deferred.expand`), so they go out like any other.
     Safe to run concurrently (on PostgreSQL) from any number of processes; the
     claim makes sure each message is in one worker's hands at a time. Must be
     called outside a transaction so that claims and outcomes commit at once.
@@ -1128,6 +1143,7 @@ def drain(
     nothing (the request failed, the budget is spent) is released at once, attempts
     refunded.
     """
+    _expand_deferred(using)
     run = _Run(using, worker_id)
     send = bool(cdp_settings.SEND)
     if send and not (run.write_key and run.url):

@@ -15,11 +15,18 @@ from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 from typing import Any
 
-from django.db.models import Count, DurationField, ExpressionWrapper, F, Sum
+from django.db.models import Count, DurationField, ExpressionWrapper, F, Min, Sum
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
-from django_cdp.models import DeliveryCount, DeliveryEndpoint, Message, WithheldCount, count_hour
+from django_cdp.models import (
+    DeferredStatement,
+    DeliveryCount,
+    DeliveryEndpoint,
+    Message,
+    WithheldCount,
+    count_hour,
+)
 from django_cdp.settings import cdp_settings
 
 #: Oldest pending message older than this: delivery is stuck (banner and default threshold).
@@ -87,7 +94,8 @@ def delivery_status(
     stuck_after: timedelta = STUCK_AFTER,
     now: datetime | None = None,
 ) -> Status:
-    """Two small queries: the oldest pending row, and a pending row the data plane refused."""
+    """Three small queries: the oldest pending row, a pending row the data plane refused, and
+    the statements the capture triggers deferred that are not messages yet."""
     now = now or timezone.now()
     qs = Message.objects.using(using)
     oldest = (
@@ -114,6 +122,13 @@ def delivery_status(
         reasons.append(
             f"the oldest pending message was written {_fmt_age(age)} ago "
             f"(at {timezone.localtime(oldest):%Y-%m-%d %H:%M:%S %Z})"
+        )
+    waiting = deferred_statements(using)
+    if waiting["oldest"] is not None and now - waiting["oldest"] > stuck_after:
+        reasons.append(
+            f"{waiting['statements']} large statement(s) of {waiting['rows']} rows deferred by the "
+            f"capture triggers wait to become messages since "
+            f"{_fmt_age(now - waiting['oldest'])} (delivery expands them before it claims)"
         )
     code, error = refused if refused else (None, None)
     if code is not None:
@@ -149,6 +164,15 @@ def data_plane_outage(using: str = "default") -> str | None:
         f" ({failures} failed request(s) in a row, last: {mask_secrets(last_error)[:200]}); "
         "delivery backs off and probes it"
     )
+
+
+def deferred_statements(using: str = "default") -> dict[str, Any]:
+    """The statements the capture triggers deferred that are not messages yet: how many, of
+    how many rows, and the oldest one's time (None when there is none)."""
+    found = DeferredStatement.objects.using(using).aggregate(
+        statements=Count("id"), rows=Sum("row_count"), oldest=Min("created_at")
+    )
+    return {**found, "rows": found["rows"] or 0}
 
 
 def _fmt_age(age: timedelta) -> str:
@@ -404,5 +428,6 @@ def report(
         "delays": delays(using, now),
         "errors": top_errors(using, now),
         "withheld": withheld(using, now),
+        "deferred": deferred_statements(using),
         "now": now,
     }

@@ -392,3 +392,52 @@ class WithheldCount(models.Model):
 
     def __str__(self) -> str:
         return f"{self.hour:%Y-%m-%d %H}:00 {self.event}: {self.n}"
+
+
+class DeferredStatement(models.Model):
+    """The rows of one large statement, written by a capture trigger, not yet messages.
+
+    A ``QuerySet.update()``, ``bulk_create`` or ``DELETE`` that changes at least
+    ``DEFER_STATEMENT_ROWS`` rows of a model whose messages say only what is on the row
+    itself (see :func:`django_cdp.capture.triggers.deferrable`) is not turned into a
+    message per row inside the user's statement: the trigger stores the statement's rows
+    here, in the same transaction, and delivery turns them into messages
+    (:func:`django_cdp.capture.deferred.expand`) before it claims the next batch. A later
+    tracked statement of the same transaction turns them into messages first, so the rules
+    of one transaction (one event per object, changes that cancel out) hold as for any
+    other write. Nothing here is sent; a row goes when its messages are written.
+    """
+
+    class Operation(models.TextChoices):
+        INSERT = "insert", "insert"
+        UPDATE = "update", "update"
+        DELETE = "delete", "delete"
+
+    xid = models.BigIntegerField(help_text="The id of the transaction that wrote the statement.")
+    source_model = models.CharField(
+        max_length=100, help_text="app_label.model_name of the changed objects."
+    )
+    operation = models.CharField(max_length=10, choices=Operation.choices)
+    expander = models.CharField(
+        max_length=63, help_text="The generated function that turns the rows into messages."
+    )
+    rows = models.JSONField(
+        help_text="The changed rows as the database held them (an update's: new and old)."
+    )
+    row_count = models.PositiveIntegerField()
+    stamp = models.CharField(max_length=40, help_text="originalTimestamp of the messages.")
+    message_id_prefix = models.CharField(max_length=20)
+    ambient = models.JSONField(
+        null=True, blank=True, help_text="The django_cdp.context() of the statement."
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name = "deferred statement"
+        verbose_name_plural = "deferred statements"
+        ordering = ["id"]
+        # A later statement of the same transaction finds its own rows by xid.
+        indexes = [models.Index(fields=["xid"], name="django_cdp_deferred_xid")]
+
+    def __str__(self) -> str:
+        return f"{self.source_model} {self.operation} of {self.row_count} rows"

@@ -303,6 +303,18 @@ def parse(config: Any) -> _Parsed:
             )
         )
 
+    defer = config.get("DEFER_STATEMENT_ROWS")
+    if isinstance(defer, int) and not isinstance(defer, bool) and defer < 1:
+        out.problems.append(
+            _error(
+                "E001",
+                f"{SETTING_NAME}['DEFER_STATEMENT_ROWS'] must be at least 1 (or None), "
+                f"not {defer!r}.",
+                "None writes every message in the statement of its change; a number defers "
+                "statements of at least that many rows to delivery.",
+            )
+        )
+
     out.identity = _parse_identity(config.get("IDENTITY"), out.problems)
     raw_models = config.get("MODELS", {})
     if isinstance(raw_models, dict):

@@ -45,6 +45,7 @@ from django.db.models import QuerySet, signals
 from django.db.models.functions import Now
 from django.utils import timezone
 
+from django_cdp.capture import deferred
 from django_cdp.models import Message, TraitsDigest
 
 logger = logging.getLogger("django_cdp.retention")
@@ -145,6 +146,9 @@ def erase_user(
     is being sent or will be. With ``wait=False`` it returns at once and
     ``in_flight_seconds`` says how long a request may still be running.
     """
+    # The user's events in statements the triggers deferred become messages first, so that
+    # they go with the others (deferred.expand waits for a worker expanding meanwhile).
+    deferred.expand(using, wait=True)
     messages = Message.objects.using(using).filter(user_id=user_id)
     digests = TraitsDigest.objects.using(using)
     if dry_run:

@@ -127,6 +127,12 @@ SETTINGS: dict[str, Setting] = {
         "How changes are captured: 'auto' (triggers on PostgreSQL where the database can "
         "compute the mapping, signals elsewhere), 'signals' or 'triggers'.",
     ),
+    "DEFER_STATEMENT_ROWS": Setting(
+        1000,
+        (int, type(None)),
+        "Triggers: a statement changing at least this many rows of a model is stored whole and "
+        "turned into messages by delivery; None writes every message in the statement.",
+    ),
 }
 
 #: Keys whose value is a dotted path that ``cdp_settings`` returns imported (as DRF's

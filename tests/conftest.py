@@ -27,15 +27,15 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # Tests of the signal engine alone are not run under the trigger engine (left out, not
-    # skipped: nothing is counted that did not run).
+    # Tests of the signal engine alone are not run under the trigger engine, deferring or not
+    # (left out, not skipped: nothing is counted that did not run).
     kept = [
         item
         for item in items
         if not (
             item.get_closest_marker("signals_only") is not None
             and getattr(item, "callspec", None) is not None
-            and item.callspec.params.get("engine") == "triggers"
+            and item.callspec.params.get("engine") in ("triggers", "deferred")
         )
     ]
     if len(kept) != len(items):

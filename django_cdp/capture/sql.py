@@ -74,6 +74,9 @@ OFF_SETTING = "django_cdp.off"
 #: rolled-back savepoint resets them with the rows they describe.
 TRACKED_SETTING = "django_cdp.tracked"
 IDENTIFIED_SETTING = "django_cdp.identified"
+#: Set while this transaction has statements stored in ``DeferredStatement`` that are not
+#: messages yet: every other tracked statement turns them into messages first.
+DEFERRED_SETTING = "django_cdp.deferred"
 #: The transaction-local setting that carries ``django_cdp.context()`` to the triggers:
 #: ``{"context": {...}, "anonymousId": ...}`` (:mod:`django_cdp.scope`).
 CONTEXT_SETTING = "django_cdp.context"

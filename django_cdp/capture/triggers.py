@@ -54,6 +54,7 @@ from django_cdp.capture import engines
 from django_cdp.capture.sql import (
     AMBIENT,
     BODY_TAG,
+    DEFERRED_SETTING,
     FENCE,
     IDENTIFIED_SETTING,
     MESSAGE_ID_PREFIX,
@@ -71,7 +72,7 @@ from django_cdp.capture.sql import (
     track_message,
 )
 from django_cdp.fields import column
-from django_cdp.models import Message, TraitsDigest, WithheldCount
+from django_cdp.models import DeferredStatement, Message, TraitsDigest, WithheldCount
 from django_cdp.registry import CREATED, DELETED, UPDATED, IdentityConfig, ModelConfig, registry
 from django_cdp.settings import SETTING_NAME, cdp_settings
 
@@ -85,8 +86,12 @@ REFERENCING = {
     "update": "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows",
     "delete": "REFERENCING OLD TABLE AS old_rows",
 }
+#: The event each operation's messages carry (a statement is only deferred when it has one).
+EVENTS = {"insert": CREATED, "update": UPDATED, "delete": DELETED}
 #: How the generated SQL is laid out: change it and every installed trigger is outdated.
-SQL_VERSION = "4"
+SQL_VERSION = "5"
+#: The function that turns a transaction's deferred statements into messages.
+EXPAND_FUNCTION = PREFIX + "expand"
 
 
 # --- names ----------------------------------------------------------------------------------------
@@ -113,6 +118,36 @@ def identify_function(identity: IdentityConfig) -> str:
     return _name("identify", identity.model._meta.db_table)
 
 
+def expander_name(config: ModelConfig, operation: str) -> str:
+    return _name(config.model._meta.db_table, "expand", operation)
+
+
+def deferred_operations(config: ModelConfig) -> list[str]:
+    """The operations whose large statements are deferred (those with an event to write)."""
+    if not deferrable(config):
+        return []
+    return [op for op in OPERATIONS if EVENTS[op] in config.events]
+
+
+def deferrable(config: ModelConfig) -> bool:
+    """Whether a large statement of this model may be stored whole and expanded later.
+
+    Only when everything its messages say is on the changed row itself: properties that
+    are the model's own columns, and an owner that is a foreign key holding the owner's
+    userId (its pk). Then the messages built at delivery from the stored rows are the
+    messages the statement would have written, whatever happens to other rows meanwhile.
+    The identity model is never deferred: its statements also write identifies, and a
+    deleted owner takes its identify of the transaction with it.
+    """
+    if config.is_identity or cdp_settings.DEFER_STATEMENT_ROWS is None:
+        return False
+    if any(source.kind != "column" for source in config.properties):
+        return False
+    if config.owner_path is None or "__" in config.owner_path:
+        return False
+    return registry.configured_identity.user_id_field.primary_key
+
+
 # --- generation -----------------------------------------------------------------------------------
 
 
@@ -122,7 +157,9 @@ class ModelSql:
 
     config: ModelConfig
     functions: dict[str, str]  # operation -> CREATE OR REPLACE FUNCTION
+    expanders: dict[str, str]  # operation -> the function expanding its deferred statements
     identify: str  # the identity function it calls ("" when it identifies nobody)
+    expand: str  # the function expanding a transaction's deferred statements (shared)
     digest: str
 
     @property
@@ -138,6 +175,7 @@ class Generator:
         self.sql = Builder(connection)
         self.q = connection.ops.quote_name
         self.message = self.q(Message._meta.db_table)
+        self.deferred = self.q(DeferredStatement._meta.db_table)
         self.digests = self.q(TraitsDigest._meta.db_table)
         self.withheld = self.q(WithheldCount._meta.db_table)
         self.limit = cdp_settings.MAX_MESSAGE_BYTES
@@ -175,11 +213,19 @@ class Generator:
         )
 
     def _row_values(
-        self, kind: str, event: str, source_model: str, capture: str, where: str, minimal: str
+        self,
+        kind: str,
+        event: str,
+        source_model: str,
+        capture: str,
+        where: str,
+        minimal: str,
+        made: str = "clock_timestamp()",
     ) -> dict[str, str]:
-        """Column values of a message row built in a CTE ``m`` (text, size, err, uid, mid, pk)."""
+        """Column values of a message row built in a CTE ``m`` (text, size, err, uid, mid, pk),
+        written at ``made`` (an expanded statement's rows: when the statement ran)."""
         decided = self._decided(minimal, where)
-        return {
+        values = {
             "message_id": "m.mid",
             "type": literal(kind),
             "event": event,
@@ -189,21 +235,28 @@ class Generator:
             "attempts": "0",
             "locked_by": "''",
             "last_error": decided["last_error"],
-            "created_at": "clock_timestamp()",
+            "created_at": made,
             "source_model": literal(source_model),
             "source_pk": "m.pk",
             "violations": "'[]'::jsonb",
             "xid": "x",
             "capture": capture,
         }
+        if made != "clock_timestamp()":
+            values["next_attempt_at"] = made  # due in the order the statements ran
+        return values
 
-    def _function(self, name: str, body: str, returns: str = "trigger") -> str:
-        """A trigger function (``returns="trigger"``), or the identity function that takes
-        the owners to identify (``"void"``)."""
-        if returns == "void":
-            arguments, declare = "owners text[]", ""
-        else:
-            arguments, declare = "", "    written bigint;\n"
+    def _function(
+        self,
+        name: str,
+        body: str,
+        *,
+        arguments: str = "",
+        declare: str = "    written bigint;\n    defer boolean;\n",
+    ) -> str:
+        """A trigger function, or (with ``arguments``) a function returning nothing: the
+        identity function takes the owners to identify, an expander its deferred statement."""
+        returns = "void" if arguments else "trigger"
         return (
             f"CREATE OR REPLACE FUNCTION {self.q(name)}({arguments}) RETURNS {returns} "
             f"LANGUAGE plpgsql SECURITY DEFINER {self.options} AS {BODY_TAG}\n"
@@ -309,8 +362,11 @@ class Generator:
             "update": self._update_function(config),
             "delete": self._delete_function(config),
         }
-        text = "\n".join([SQL_VERSION, identify, *functions.values()])
-        return ModelSql(config, functions, identify, hashlib.md5(text.encode()).hexdigest())
+        expanders = {op: self._expander(config, op) for op in deferred_operations(config)}
+        expand = self.expand_sql() if cdp_settings.DEFER_STATEMENT_ROWS is not None else ""
+        text = "\n".join([SQL_VERSION, identify, expand, *functions.values(), *expanders.values()])
+        digest = hashlib.md5(text.encode()).hexdigest()
+        return ModelSql(config, functions, expanders, identify, expand, digest)
 
     def _built(self, config: ModelConfig, action: str) -> tuple[str, str]:
         """SELECT of the rows of ``b`` with their track's text (``m``), and the minimal
@@ -321,45 +377,86 @@ class Generator:
         return self._measured(msg), minimal_message("m.text", "track")
 
     def _base(
-        self, config: ModelConfig, rows: str, extra: str = "", mid: str = NEW_MESSAGE_ID
+        self,
+        config: ModelConfig,
+        rows: str,
+        extra: str = "",
+        mid: str = NEW_MESSAGE_ID,
+        *,
+        consenting: bool = True,
     ) -> str:
-        """SELECT per changed row: its jsonb ``j``, pk, owner, properties and their error."""
+        """SELECT per changed row: its jsonb ``j``, pk, owner, properties and their error;
+        only the rows of owners with consent, unless ``rows`` were chosen so already (a
+        deferred statement stores only those)."""
         identity = registry.configured_identity
         _, uid = self.sql.owner(config, identity, "r.j")
         props, error = self.sql.properties(config, "r.j")
+        source = consent.sql_consenting(self.sql, config, rows) if consenting else rows
         return (
             f"SELECT r.*, {self.sql.pk_text(config.model, 'r.j')} AS pk, {uid} AS uid, "
             f"{props} AS props, {error} AS err, {mid} AS mid{extra} "
-            f"FROM {consent.sql_consenting(self.sql, config, rows)} r"
+            f"FROM {source} r"
         )
 
+    # Each operation's messages are written by one statement built from the changed rows
+    # (``rows``: a FROM item with the jsonb ``j`` of each row, an update's also with ``oj``,
+    # the row before). The trigger function runs it on the statement's transition tables;
+    # an expander (:meth:`_expander`) runs the same statement on a deferred statement's
+    # stored rows, with ``consenting=False`` (they were chosen when stored) and ``made``,
+    # the time the statement ran.
+
+    def _created(
+        self,
+        config: ModelConfig,
+        rows: str,
+        *,
+        consenting: bool = True,
+        made: str = "clock_timestamp()",
+    ) -> str:
+        """The INSERT of the ``Created`` rows of ``rows``."""
+        label = config.model._meta.label_lower
+        where = self.sql.describe(config.model, "m.j")
+        capture = "jsonb_build_object('action', 'created', 'current', m.cur)"
+        built, minimal = self._built(config, CREATED)
+        event = literal(config.event_name(CREATED))
+        values = self._row_values("track", event, label, capture, where, minimal, made)
+        tracked = self.sql.tracked(config, "r.j")
+        base = self._base(config, rows, f", {tracked} AS cur", consenting=consenting)
+        return self._insert_messages(values, f"(WITH b AS ({base}) {built}) m")
+
     def _insert_function(self, config: ModelConfig) -> str:
-        body = self._guard()
+        rows = jsonb_rows("new_rows")
+        main = ""
         if CREATED in config.events:
-            label = config.model._meta.label_lower
-            where = self.sql.describe(config.model, "m.j")
-            capture = "jsonb_build_object('action', 'created', 'current', m.cur)"
-            built, minimal = self._built(config, CREATED)
-            values = self._row_values(
-                "track", literal(config.event_name(CREATED)), label, capture, where, minimal
-            )
-            rows = jsonb_rows("new_rows")
-            tracked = self.sql.tracked(config, "r.j")
-            source = f"(WITH b AS ({self._base(config, rows, f', {tracked} AS cur')}) {built}) m"
-            body += f"    {self._insert_messages(values, source)};\n"
-            body += self._flag(TRACKED_SETTING)
+            main = f"    {self._created(config, rows)};\n" + self._flag(TRACKED_SETTING)
+        body = self._guard() + self._deferring(config, "insert", main)
+        if CREATED in config.events:
             body += self._withhold(config, CREATED, rows)
         body += self._identify_call(config, "new_rows")
         body += "    RETURN NULL;"
         return self._function(function_name(config, "insert"), body)
 
-    def _update_function(self, config: ModelConfig) -> str:
-        label = config.model._meta.label_lower
+    def _pairs(self, config: ModelConfig) -> str:
+        """The rows of an UPDATE: each row's jsonb ``j`` with ``oj``, the row before."""
         pk = self.q(column(config.model._meta.pk))
-        pairs = (
+        return (
             f"(SELECT to_jsonb(n) AS j, to_jsonb(o) AS oj FROM new_rows n "
             f"JOIN old_rows o ON o.{pk} = n.{pk} {FENCE})"
         )
+
+    def _updated(
+        self,
+        config: ModelConfig,
+        pairs: str,
+        *,
+        combine: bool,
+        consenting: bool = True,
+        made: str = "clock_timestamp()",
+    ) -> str:
+        """The statement writing the messages of an update's ``pairs``: combined with the rows
+        this transaction wrote for the same objects (``combine``), or, when it has written
+        none, new ``Updated`` rows only."""
+        label = config.model._meta.label_lower
         pk_c = self.sql.pk_text(config.model, "c.j")
         updated = "TRUE" if UPDATED in config.events else "FALSE"
         integrations = config.integrations
@@ -372,54 +469,20 @@ class Generator:
             return f"CASE WHEN b.action = 'created' THEN {created} ELSE {otherwise} END"
 
         updated_msg = track_message(updated_event, "b.uid", with_changes, integrations)
-        msg = by_action(track_message(created_event, "b.uid", "b.props", integrations), updated_msg)
         minimal = minimal_message("m.text", "track")
-        event = by_action(literal(created_event), literal(updated_event)).replace("b.", "m.")
         updated_capture = "jsonb_build_object('action', 'updated', 'reference', b.ref)"
-        capture = by_action(
-            "jsonb_build_object('action', 'created', 'current', b.cur)", updated_capture
-        ).replace("b.", "m.")
         where = self.sql.describe(config.model, "m.j")
-        values = self._row_values("track", event, label, capture, where, minimal)
-        decided = self._decided(minimal, where)
-        c = (
-            f"c AS (SELECT r.j, {self.sql.tracked(config, 'r.j')} AS cur, "
-            f"{self.sql.tracked(config, 'r.oj')} AS old FROM {pairs} r {FENCE})"
-        )
         # The rows that write or rewrite a message, and their messages.
+        base = self._base(
+            config, "f", "", f"COALESCE(r.entry_mid, {NEW_MESSAGE_ID})", consenting=consenting
+        )
         b = (
-            f"b AS ({self._base(config, 'f', '', f'COALESCE(r.entry_mid, {NEW_MESSAGE_ID})')}"
-            " "
-            "WHERE "
+            f"b AS ({base} WHERE "
             "(r.action = 'created' AND r.cur IS DISTINCT FROM r.last) "
             "OR (r.action = 'updated' AND cardinality(r.changed) > 0) "
             f"OR (r.action IS NULL AND cardinality(r.changed) > 0 AND {updated}))"
         )
-        b_m = [b, f"m AS ({self._measured(msg)})"]
-        combined = [
-            c,
-            f"e AS ({self._open_entries(label, 'track', f'SELECT {pk_c} FROM c')})",
-            # ref: the values at the transaction's start, for the net change.
-            "d AS (SELECT c.*, e.id AS entry_id, e.message_id AS entry_mid, "
-            "e.capture->>'action' AS action, "
-            "CASE WHEN e.capture->>'action' = 'updated' THEN e.capture->'reference' "
-            f"ELSE c.old END AS ref, e.capture->'current' AS last FROM c LEFT JOIN e "
-            f"ON e.source_pk = {pk_c})",
-            f"f AS (SELECT d.*, {self.sql.changed_fields(config, 'd.ref', 'd.cur')} AS changed "
-            f"FROM d {FENCE})",
-            *b_m,
-            # An update whose changes cancelled out: its message goes.
-            f"gone AS (DELETE FROM {self.message} WHERE id IN (SELECT entry_id FROM f "
-            "WHERE action = 'updated' AND cardinality(changed) = 0))",
-            f"rewritten AS (UPDATE {self.message} t SET payload = {decided['payload']}, "
-            f"status = {decided['status']}, last_error = {decided['last_error']}, "
-            f"user_id = COALESCE(m.uid, ''), event = {event}, capture = {capture} "
-            "FROM m WHERE t.id = m.entry_id)",
-        ]
-        insert = self._insert_messages(values, "(SELECT * FROM m WHERE m.entry_id IS NULL) m")
-        body = self._guard() + f"    IF {self._flagged(TRACKED_SETTING)} THEN\n"
-        body += "    WITH " + ",\n    ".join(combined) + f"\n    {insert};\n"
-        if UPDATED in config.events:
+        if not combine:
             # No track row of this transaction to combine with: new Updated rows only, written
             # without the Created branches (PostgreSQL prepares every branch of a CASE each
             # time a statement runs, taken or not).
@@ -432,18 +495,51 @@ class Generator:
                 b,
                 f"m AS ({self._measured(updated_msg)})",
             ]
-            only_updated = self._row_values(
-                "track",
-                literal(updated_event),
-                label,
-                updated_capture.replace("b.", "m."),
-                where,
-                minimal,
-            )
-            insert = self._insert_messages(only_updated, "m")
-            body += "    ELSE\n    WITH " + ",\n    ".join(first) + f"\n    {insert};\n"
-            body += self._flag(TRACKED_SETTING)
-        body += "    END IF;\n"
+            capture = updated_capture.replace("b.", "m.")
+            event = literal(updated_event)
+            values = self._row_values("track", event, label, capture, where, minimal, made)
+            return "WITH " + ",\n    ".join(first) + f"\n    {self._insert_messages(values, 'm')}"
+        msg = by_action(track_message(created_event, "b.uid", "b.props", integrations), updated_msg)
+        event = by_action(literal(created_event), literal(updated_event)).replace("b.", "m.")
+        capture = by_action(
+            "jsonb_build_object('action', 'created', 'current', b.cur)", updated_capture
+        ).replace("b.", "m.")
+        values = self._row_values("track", event, label, capture, where, minimal, made)
+        decided = self._decided(minimal, where)
+        combined = [
+            f"c AS (SELECT r.j, {self.sql.tracked(config, 'r.j')} AS cur, "
+            f"{self.sql.tracked(config, 'r.oj')} AS old FROM {pairs} r {FENCE})",
+            f"e AS ({self._open_entries(label, 'track', f'SELECT {pk_c} FROM c')})",
+            # ref: the values at the transaction's start, for the net change.
+            "d AS (SELECT c.*, e.id AS entry_id, e.message_id AS entry_mid, "
+            "e.capture->>'action' AS action, "
+            "CASE WHEN e.capture->>'action' = 'updated' THEN e.capture->'reference' "
+            f"ELSE c.old END AS ref, e.capture->'current' AS last FROM c LEFT JOIN e "
+            f"ON e.source_pk = {pk_c})",
+            f"f AS (SELECT d.*, {self.sql.changed_fields(config, 'd.ref', 'd.cur')} AS changed "
+            f"FROM d {FENCE})",
+            b,
+            f"m AS ({self._measured(msg)})",
+            # An update whose changes cancelled out: its message goes.
+            f"gone AS (DELETE FROM {self.message} WHERE id IN (SELECT entry_id FROM f "
+            "WHERE action = 'updated' AND cardinality(changed) = 0))",
+            f"rewritten AS (UPDATE {self.message} t SET payload = {decided['payload']}, "
+            f"status = {decided['status']}, last_error = {decided['last_error']}, "
+            f"user_id = COALESCE(m.uid, ''), event = {event}, capture = {capture} "
+            "FROM m WHERE t.id = m.entry_id)",
+        ]
+        insert = self._insert_messages(values, "(SELECT * FROM m WHERE m.entry_id IS NULL) m")
+        return "WITH " + ",\n    ".join(combined) + f"\n    {insert}"
+
+    def _update_function(self, config: ModelConfig) -> str:
+        pairs = self._pairs(config)
+        main = f"    IF {self._flagged(TRACKED_SETTING)} THEN\n"
+        main += f"    {self._updated(config, pairs, combine=True)};\n"
+        if UPDATED in config.events:
+            main += f"    ELSE\n    {self._updated(config, pairs, combine=False)};\n"
+            main += self._flag(TRACKED_SETTING)
+        main += "    END IF;\n"
+        body = self._guard() + self._deferring(config, "update", main)
         if UPDATED in config.events:
             changed = f"{self.sql.tracked(config, 'q.j')} IS DISTINCT FROM "
             changed += self.sql.tracked(config, "q.oj")
@@ -452,18 +548,31 @@ class Generator:
         body += "    RETURN NULL;"
         return self._function(function_name(config, "update"), body)
 
-    def _delete_function(self, config: ModelConfig) -> str:
+    def _deleted(
+        self,
+        config: ModelConfig,
+        rows: str,
+        *,
+        combine: bool,
+        consenting: bool = True,
+        made: str = "clock_timestamp()",
+    ) -> str:
+        """The statement writing the ``Deleted`` rows of ``rows``: taking back the rows this
+        transaction wrote for the same objects (``combine``), or a plain insert."""
         label = config.model._meta.label_lower
         identity = registry.configured_identity
         deleted = "TRUE" if DELETED in config.events else "FALSE"
         where = self.sql.describe(config.model, "m.j")
         built, minimal = self._built(config, DELETED)
-        values = self._row_values(
-            "track", literal(config.event_names.get(DELETED, "")), label, "NULL", where, minimal
-        )
+        event = literal(config.event_names.get(DELETED, ""))
+        values = self._row_values("track", event, label, "NULL", where, minimal, made)
+        insert = self._insert_messages(values, "m")
+        if not combine:
+            first = [f"b AS ({self._base(config, rows, consenting=consenting)})", f"m AS ({built})"]
+            return "WITH " + ",\n    ".join(first) + f"\n    {insert}"
         pk_c = self.sql.pk_text(config.model, "c.j")
         ctes = [
-            f"c AS (SELECT * FROM {jsonb_rows('old_rows')} o)",
+            f"c AS (SELECT * FROM {rows} o)",
             f"e AS ({self._open_entries(label, 'track', f'SELECT {pk_c} FROM c')})",
             f"gone AS (DELETE FROM {self.message} WHERE id IN (SELECT id FROM e))",
         ]
@@ -482,28 +591,129 @@ class Generator:
             f"{pk_c} WHERE e.capture->>'action' IS DISTINCT FROM 'created' AND {deleted})"
         )
         ctes += [
-            f"b AS ({self._base(config, kept)})",
+            f"b AS ({self._base(config, kept, consenting=consenting)})",
             f"m AS ({built})",
         ]
-        insert = self._insert_messages(values, "m")
+        return "WITH " + ",\n    ".join(ctes) + f"\n    {insert}"
+
+    def _delete_function(self, config: ModelConfig) -> str:
+        rows = jsonb_rows("old_rows")
         # Rows of this transaction to take back: its track rows of these objects, and (for
         # owners) their identify rows. Without them, a plain insert of the Deleted rows.
         combine = self._flagged(TRACKED_SETTING)
         if config.is_identity:
             combine += f" OR {self._flagged(IDENTIFIED_SETTING)}"
-        body = self._guard() + f"    IF {combine} THEN\n"
-        body += "    WITH " + ",\n    ".join(ctes) + f"\n    {insert};\n"
+        main = f"    IF {combine} THEN\n    {self._deleted(config, rows, combine=True)};\n"
         if DELETED in config.events:
-            first = [f"b AS ({self._base(config, jsonb_rows('old_rows'))})", f"m AS ({built})"]
-            body += "    ELSE\n    WITH " + ",\n    ".join(first) + f"\n    {insert};\n"
-            body += self._flag(TRACKED_SETTING)
-        body += "    END IF;\n"
+            main += f"    ELSE\n    {self._deleted(config, rows, combine=False)};\n"
+            main += self._flag(TRACKED_SETTING)
+        main += "    END IF;\n"
+        body = self._guard() + self._deferring(config, "delete", main)
         if DELETED in config.events:
-            body += self._withhold(config, DELETED, jsonb_rows("old_rows"))
+            body += self._withhold(config, DELETED, rows)
         if not config.is_identity:
             body += self._identify_call(config, "old_rows")
         body += "    RETURN NULL;"
         return self._function(function_name(config, "delete"), body)
+
+    # --- deferred statements ----------------------------------------------------------------
+
+    def _deferring(self, config: ModelConfig, operation: str, main: str) -> str:
+        """``main`` (the statements writing the messages of the trigger's statement), with
+        what deferred statements need around it.
+
+        A statement of at least ``DEFER_STATEMENT_ROWS`` rows of a deferrable model is stored
+        whole instead, while its transaction has written no track row (the rows of later
+        statements can combine with its messages once they exist, not the other way round).
+        Any other statement first expands what its transaction deferred, so that it finds
+        those messages to combine with.
+        """
+        limit = cdp_settings.DEFER_STATEMENT_ROWS
+        if limit is None:
+            return main
+        expand_first = (
+            f"    IF {self._flagged(DEFERRED_SETTING)} THEN "
+            f"PERFORM {self.q(EXPAND_FUNCTION)}(ARRAY[x]); END IF;\n"
+        )
+        if operation not in deferred_operations(config):
+            return expand_first + main
+        transition = "old_rows" if operation == "delete" else "new_rows"
+        counted = {"insert": "inserted", "update": "updated", "delete": "deleted"}[operation]
+        if operation == "update":
+            rows, stored = self._pairs(config), "jsonb_build_array(q.j, q.oj)"
+        else:
+            rows, stored = jsonb_rows(transition), "q.j"
+        store = (
+            f"    INSERT INTO {self.deferred} (xid, source_model, operation, expander, rows, "
+            "row_count, stamp, message_id_prefix, ambient, created_at) "
+            f"SELECT x, {literal(config.model._meta.label_lower)}, {literal(operation)}, "
+            f"{literal(expander_name(config, operation))}, jsonb_agg({stored}), count(*), "
+            "stamp, idp, ambient, clock_timestamp() "
+            f"FROM {consent.sql_consenting(self.sql, config, rows)} q HAVING count(*) > 0;\n"
+        )
+        # Counting the transition table is a query, which every single-row write would pay
+        # for (about 20k instructions). The rows this backend has written to the table and not
+        # yet reported to the statistics (the statement's among them, so never fewer) are a
+        # plain function call: the table is counted only when they could be enough.
+        return (
+            f"    defer := NOT {self._flagged(TRACKED_SETTING)} AND "
+            f"pg_stat_get_xact_tuples_{counted}(TG_RELID) >= {limit};\n"
+            "    IF defer THEN\n"
+            f"        defer := EXISTS (SELECT 1 FROM {transition} OFFSET {limit - 1});\n"
+            "    END IF;\n"
+            "    IF defer THEN\n"
+            f"{store}{self._flag(DEFERRED_SETTING)}"
+            f"    ELSE\n{expand_first}{main}    END IF;\n"
+        )
+
+    def _expander(self, config: ModelConfig, operation: str) -> str:
+        """The function writing the messages of one deferred statement of ``operation``:
+        the trigger's statement, on the stored rows, combined with what the transaction
+        wrote before (its earlier deferred statements, expanded in order)."""
+        rows = "(SELECT e AS j FROM jsonb_array_elements(data) e)"
+        if operation == "insert":
+            statement = self._created(config, rows, consenting=False, made="made")
+        elif operation == "update":
+            pairs = "(SELECT e->0 AS j, e->1 AS oj FROM jsonb_array_elements(data) e)"
+            statement = self._updated(config, pairs, combine=True, consenting=False, made="made")
+        else:
+            statement = self._deleted(config, rows, combine=True, consenting=False, made="made")
+        body = (
+            "    SELECT s.xid, s.stamp, s.message_id_prefix, s.ambient, s.rows, s.created_at "
+            f"INTO x, stamp, idp, ambient, data, made FROM {self.deferred} s "
+            "WHERE s.id = statement;\n"
+            "    IF NOT FOUND THEN RETURN; END IF;\n"
+            f"    {statement};"
+        )
+        declare = "    data jsonb;\n    made timestamptz;\n"
+        return self._function(
+            expander_name(config, operation), body, arguments="statement bigint", declare=declare
+        )
+
+    def expand_sql(self) -> str:
+        """The function that expands deferred statements, in the order they ran: those of
+        the transactions in ``xids`` (a trigger: its own), or every one it can see (NULL:
+        delivery). A statement whose expander is gone (its model's triggers uninstalled)
+        stays where it is rather than failing the caller."""
+        return (
+            f"CREATE OR REPLACE FUNCTION {self.q(EXPAND_FUNCTION)}(xids bigint[]) "
+            f"RETURNS integer LANGUAGE plpgsql SECURITY DEFINER {self.options} AS {BODY_TAG}\n"
+            "DECLARE\n    s record;\n    n integer := 0;\nBEGIN\n"
+            f"    FOR s IN SELECT d.id, d.expander FROM {self.deferred} d "
+            "WHERE (xids IS NULL OR d.xid = ANY(xids)) AND to_regproc(d.expander) IS NOT NULL "
+            "ORDER BY d.id FOR UPDATE LOOP\n"
+            "        EXECUTE format('SELECT %I($1)', s.expander) USING s.id;\n"
+            f"        DELETE FROM {self.deferred} WHERE id = s.id;\n"
+            "        n := n + 1;\n"
+            "    END LOOP;\n"
+            "    IF n > 0 THEN\n"
+            f"        PERFORM set_config({literal(DEFERRED_SETTING)}, '', true);\n"
+            # The messages exist now: later statements combine with them.
+            f"        PERFORM set_config({literal(TRACKED_SETTING)}, 'on', true);\n"
+            "    END IF;\n"
+            "    RETURN n;\n"
+            f"END\n{BODY_TAG};"
+        )
 
     # --- the identity ---------------------------------------------------------------------
 
@@ -636,7 +846,9 @@ class Generator:
             # Past the early return, an identify row was written or rewritten.
             f"    PERFORM set_config({literal(IDENTIFIED_SETTING)}, 'on', true);"
         )
-        return self._function(identify_function(identity), body, returns="void")
+        return self._function(
+            identify_function(identity), body, arguments="owners text[]", declare=""
+        )
 
 
 # --- installation --------------------------------------------------------------------------------
@@ -753,10 +965,11 @@ def install(using: str, *, force: bool = False) -> list[str]:
         )
     ]
     if todo:
-        for identify in dict.fromkeys(w.identify for w in todo if w.identify):
-            statements.append(identify)
+        shared = [w.expand for w in todo] + [w.identify for w in todo]
+        statements.extend(dict.fromkeys(sql for sql in shared if sql))
     for model_sql in todo:
         table = generator.q(model_sql.table)
+        statements.extend(model_sql.expanders.values())
         for op in OPERATIONS:
             statements.append(model_sql.functions[op])
             name = generator.q(trigger_name(op))
@@ -772,14 +985,31 @@ def install(using: str, *, force: bool = False) -> list[str]:
     if not statements:
         return changes
     keep = {function_name(w.config, op) for w in wanted for op in OPERATIONS}
+    keep |= {expander_name(w.config, op) for w in wanted for op in w.expanders}
     if wanted:
         keep.add(identify_function(registry.configured_identity))
+        if cdp_settings.DEFER_STATEMENT_ROWS is not None:
+            keep.add(EXPAND_FUNCTION)
     with transaction.atomic(using=using):
         with connection.cursor() as cursor:
+            # What was deferred is expanded by the functions it was written for, before
+            # they change or go.
+            expand_pending(connection)
             for statement in statements:
                 cursor.execute(statement)
         _drop_functions(connection, keep)
     return changes
+
+
+def expand_pending(connection: BaseDatabaseWrapper) -> int:
+    """Expand every deferred statement ``connection`` sees (its transaction's own, and
+    committed ones), if the expanding function is installed; returns how many."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT to_regproc(%s) IS NOT NULL", [EXPAND_FUNCTION])
+        if not cursor.fetchone()[0]:
+            return 0
+        cursor.execute(f"SELECT {connection.ops.quote_name(EXPAND_FUNCTION)}(NULL)")
+        return cursor.fetchone()[0]
 
 
 def _drop_functions(connection: BaseDatabaseWrapper, keep: Iterable[str]) -> None:
@@ -798,6 +1028,7 @@ def uninstall(using: str) -> list[str]:
     installed = _installed(connection)
     q = connection.ops.quote_name
     with transaction.atomic(using=using), connection.cursor() as cursor:
+        expand_pending(connection)
         for table, name in sorted(installed):
             cursor.execute(f"DROP TRIGGER IF EXISTS {q(name)} ON {q(table)}")
         _drop_functions(connection, ())

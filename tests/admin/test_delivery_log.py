@@ -289,9 +289,10 @@ def test_count_is_capped(admin_client_, monkeypatch):
     assert response.context["cl"].result_count == 5
 
 
-#: session, user, capped count, page, oldest pending, refused pending. A superuser has no
-#: permission queries; the filters' choices and the full count cost nothing.
-CHANGELIST_QUERIES = 6
+#: session, user, capped count, page, oldest pending, refused pending, deferred statements
+#: waiting. A superuser has no permission queries; the filters' choices and the full count
+#: cost nothing.
+CHANGELIST_QUERIES = 7
 
 
 def _changelist_queries(client, query: str = "") -> int:

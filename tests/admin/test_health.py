@@ -140,6 +140,24 @@ def test_health_page(admin_client_, traffic):
     assert "Write key</th><td>not set" in html
 
 
+def test_health_page_shows_statements_waiting_to_become_messages(admin_client_, db):
+    from django_cdp.models import DeferredStatement
+
+    assert b"cdp-deferred" not in admin_client_.get(HEALTH).content
+    DeferredStatement.objects.create(
+        xid=1,
+        source_model="payouts.payout",
+        operation="update",
+        expander="django_cdp_payouts_payout_expand_update",
+        rows=[],
+        row_count=2500,
+        stamp="2026-12-02T00:00:00Z",
+        message_id_prefix="019ad2a4-0000-7",
+    )
+    html = admin_client_.get(HEALTH).content.decode()
+    assert "1 large statement (2500 rows), stored whole by the capture triggers, waits" in html
+
+
 def test_health_page_masks_the_write_key(admin_client_, settings, db):
     settings.DJANGO_CDP = {**settings.DJANGO_CDP, "WRITE_KEY": "sekrit-write-key"}
     create_message(

@@ -7,6 +7,7 @@ from decimal import Decimal
 
 import pytest
 
+from django_cdp.capture import deferred
 from django_cdp.models import Message
 from example_project.shops.models import Plan, Shop
 from tests.conftest import DATABASE
@@ -19,6 +20,7 @@ class Outbox:
         self.using = using
 
     def rows(self) -> list[Message]:
+        deferred.expand(self.using)  # what delivery does first
         return list(Message.objects.using(self.using).order_by("id"))
 
     def all(self) -> list[dict]:
@@ -34,19 +36,29 @@ class Outbox:
         return [m["event"] for m in self.tracks()]
 
     def clear(self) -> None:
+        deferred.expand(self.using)
         Message.objects.using(self.using).all().delete()
 
 
 #: The capture engines the core's behaviour tests run under: both on PostgreSQL, where the
-#: trigger engine must write the messages the signal engine writes.
-ENGINES = ["signals", "triggers"] if DATABASE == "postgres" else ["signals"]
+#: trigger engine must write the messages the signal engine writes, also when it defers
+#: statements ("deferred": every statement of a deferrable model stored whole, and
+#: expanded into messages when the outbox is read, as delivery does before claiming).
+ENGINES = ["signals", "triggers", "deferred"] if DATABASE == "postgres" else ["signals"]
+
+
+def use_engine(settings, name: str) -> str:
+    """Capture with the engine ``name`` (one of :data:`ENGINES`; triggers get installed)."""
+    capture = "signals" if name == "signals" else "triggers"
+    defer = {"DEFER_STATEMENT_ROWS": 1} if name == "deferred" else {}
+    settings.DJANGO_CDP = {**settings.DJANGO_CDP, "CAPTURE": capture, **defer}
+    return name
 
 
 @pytest.fixture(params=ENGINES)
 def engine(request, transactional_db, settings) -> str:
     """The capture engine of this run of the test (its triggers installed for it)."""
-    settings.DJANGO_CDP = {**settings.DJANGO_CDP, "CAPTURE": request.param}
-    return request.param
+    return use_engine(settings, request.param)
 
 
 @pytest.fixture

@@ -64,6 +64,12 @@ class Command(CdpCommand):
             )
         oldest = status.oldest_pending_at or "none"
         out(f"oldest pending: {oldest} ({status.oldest_pending_age_text})")
+        waiting = figures["deferred"]
+        if waiting["statements"]:
+            out(
+                f"deferred statements: {waiting['statements']} ({waiting['rows']} rows) wait to "
+                f"become messages, the oldest since {waiting['oldest']}"
+            )
         d = figures["delays"]
         p50 = f"{d['p50']:.2f} s" if d["p50"] is not None else "-"
         p95 = f"{d['p95']:.2f} s" if d["p95"] is not None else "-"
@@ -94,4 +100,10 @@ def _as_json(figures: dict[str, Any]) -> dict[str, Any]:
         "delays": figures["delays"],
         "errors": figures["errors"],
         "withheld": figures["withheld"],
+        "deferred": {
+            **figures["deferred"],
+            "oldest": figures["deferred"]["oldest"].isoformat()
+            if figures["deferred"]["oldest"]
+            else None,
+        },
     }
