@@ -19,8 +19,8 @@ suite's ``DJANGO_CDP`` tracking plan, plus ``auditlog``. Variants, all on the sa
 * **signals, identify off**: the same with ``"identify": False`` on Payout: the
   difference to **django-cdp signals** is what the re-identify's read of the shop's
   traits (with their digest) costs every child change.
-* **django-cdp triggers**: the same plan captured by the trigger engine (its triggers
-  installed for this variant's blocks only).
+* **django-cdp triggers**: the same plan captured by the trigger engine (its functions
+  installed once, its triggers created for this variant's blocks only).
 * **triggers, request context**: the triggers variant inside the context
   ``RequestContextMiddleware`` sets for a typical request (IP, user agent, page, locale,
   request id, anonymousId): each write carries it to the triggers in a
@@ -145,9 +145,45 @@ class Bench:
                 Payout.objects.create(shop=self.shop, amount=AMOUNTS[0], currency="EUR")
                 for _ in range(POOL)
             ]
+        self.install_trigger_functions()
         self.cursor = Counter()  # per op kind: position in the pool / amount toggle
         self.bulk_created = self.bulk_updated = 0  # messages the bulk section expects
         self.expanded = 0  # deferred statements the bulk section expanded
+
+    def install_trigger_functions(self) -> None:
+        """Install the trigger engine's functions once, and keep its triggers' definitions.
+
+        The trigger variants' blocks create the triggers and drop them afterwards. Settings
+        changes would install everything again at every block (``CREATE OR REPLACE`` of each
+        function), and a server process that redefines PL/pgSQL functions again and again
+        grows by megabytes each time, which slowed every variant of a long run (and is not
+        what an application does: ``migrate`` installs them once)."""
+        from django.conf import settings
+        from django.core.signals import setting_changed
+        from django.test import override_settings
+
+        from django_cdp.capture import triggers
+
+        setting_changed.disconnect(triggers._reinstall_on_change)
+        self.trigger_plan = {**settings.DJANGO_CDP, "CAPTURE": "triggers"}
+        with override_settings(DJANGO_CDP=self.trigger_plan):
+            triggers.install("default", force=True)
+        table = self.Payout._meta.db_table
+        with self.connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT tgname, pg_get_triggerdef(oid) FROM pg_trigger "
+                "WHERE tgrelid = %s::regclass AND NOT tgisinternal",
+                [table],
+            )
+            found = cursor.fetchall()
+        self.create_triggers = [definition for _, definition in found]
+        self.drop_triggers = [f'DROP TRIGGER "{name}" ON "{table}"' for name, _ in found]
+        self.trigger_ddl(self.drop_triggers)
+
+    def trigger_ddl(self, statements: list[str]) -> None:
+        with self.connection.cursor() as cursor:
+            for statement in statements:
+                cursor.execute(statement)
 
     # --- variants --------------------------------------------------------------------------
 
@@ -162,9 +198,8 @@ class Bench:
         if name == SIGNALS:
             yield
         elif name in (TRIGGERS, IN_REQUEST):
-            # The same plan captured by triggers: installed on entering (DDL outside the
-            # timed ops), removed on leaving, so that no other variant pays for them.
-            from django.conf import settings
+            # The same plan captured by triggers: its triggers created on entering (DDL outside
+            # the timed ops), dropped on leaving, so that no other variant pays for them.
             from django.test import override_settings
 
             from django_cdp import scope
@@ -174,9 +209,12 @@ class Bench:
                 if name == IN_REQUEST
                 else contextlib.nullcontext()
             )
-            capture = {**settings.DJANGO_CDP, "CAPTURE": "triggers"}
-            with override_settings(DJANGO_CDP=capture), request:
-                yield
+            with override_settings(DJANGO_CDP=self.trigger_plan), request:
+                self.trigger_ddl(self.create_triggers)
+                try:
+                    yield
+                finally:
+                    self.trigger_ddl(self.drop_triggers)
         elif name == "signals, identify off":
             # What the re-identify's traits read costs a child change: the same plan with
             # "identify": False on Payout.
