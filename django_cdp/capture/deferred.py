@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db.models import F, Func, IntegerField, Min, Sum
 
 from django_cdp.capture.triggers import expand_pending
 from django_cdp.models import DeferredStatement
@@ -26,33 +27,64 @@ logger = logging.getLogger("django_cdp")
 #: The advisory lock one expanding process holds (``'cdpx'`` in ASCII): two workers never
 #: expand the same statements, and the second goes on claiming at once.
 LOCK_KEY = 0x63647078
+#: Rows expanded per transaction (whole transactions' statements at a time, at least one):
+#: a backlog becomes messages in transactions of bounded size, each committed on its own.
+ROWS_PER_TRANSACTION = 20_000
 
 
-def pending(using: str = DEFAULT_DB_ALIAS) -> int:
-    """How many deferred statements wait to become messages on ``using``."""
-    return DeferredStatement.objects.using(using).count()
-
-
-def expand(using: str = DEFAULT_DB_ALIAS, *, wait: bool = False) -> int:
+def expand(
+    using: str = DEFAULT_DB_ALIAS, *, wait: bool = False, max_rows: int | None = None
+) -> int:
     """Turn the deferred statements visible on ``using`` into messages; returns how many.
 
-    Committed statements, and inside a transaction also its own. Statements are expanded in
-    the order they ran, in one transaction. When another process is expanding, returns 0 at
-    once, or with ``wait`` waits for it (erasure must see every message of a user).
+    Committed statements, and inside a transaction also its own, in the order they ran:
+    the statements of one transaction together, in transactions of about
+    :data:`ROWS_PER_TRANSACTION` rows, until none is left or ``max_rows`` rows were
+    expanded (delivery bounds it, so that a backlog does not hold up sending; the rest
+    waits for its next run). When another process is expanding, returns 0 at once, or with
+    ``wait`` waits for it (erasure must see every message of a user).
     """
     connection = connections[using]
-    if connection.vendor != "postgresql":
-        return 0
-    if not DeferredStatement.objects.using(using).exists():
+    if connection.vendor != "postgresql" or not DeferredStatement.objects.using(using).exists():
         return 0
     lock = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
-    with transaction.atomic(using=using):
-        with connection.cursor() as cursor:
-            cursor.execute(f"SELECT {lock}(%s)", [LOCK_KEY])
-            locked = cursor.fetchone()[0]
-        if not wait and not locked:
-            return 0
-        count = expand_pending(connection)
-    if count:
-        logger.debug("django-cdp: expanded %d deferred statements on %s", count, using)
-    return count
+    expanded = rows = 0
+    while max_rows is None or rows < max_rows:
+        with transaction.atomic(using=using):
+            with connection.cursor() as cursor:
+                cursor.execute(f"SELECT {lock}(%s)", [LOCK_KEY])
+                if not wait and not cursor.fetchone()[0]:
+                    break
+            batch = _next_transactions(using)
+            count = expand_pending(connection, [xid for xid, _ in batch]) if batch else 0
+        if not count:
+            break
+        expanded += count
+        rows += sum(n for _, n in batch)
+    if expanded:
+        logger.debug("django-cdp: expanded %d deferred statements on %s", expanded, using)
+    return expanded
+
+
+def _next_transactions(using: str) -> list[tuple[int, int]]:
+    """``(xid, rows)`` of the transactions whose statements are expanded next: the oldest
+    first, about :data:`ROWS_PER_TRANSACTION` rows of them, at least one transaction."""
+    queue = (
+        DeferredStatement.objects.using(using)
+        # A statement whose expander is gone (triggers uninstalled by hand) waits, and does
+        # not hold up the others.
+        .alias(expander_oid=Func(F("expander"), function="to_regproc", output_field=IntegerField()))
+        .filter(expander_oid__isnull=False)
+        .values("xid")
+        .annotate(first=Min("id"), rows=Sum("row_count"))
+        .order_by("first")
+        .values_list("xid", "rows")
+    )
+    batch: list[tuple[int, int]] = []
+    total = 0
+    for xid, rows in queue[:1000]:
+        if batch and total + rows > ROWS_PER_TRANSACTION:
+            break
+        batch.append((xid, rows))
+        total += rows
+    return batch

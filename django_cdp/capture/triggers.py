@@ -1011,14 +1011,16 @@ def install(using: str, *, force: bool = False) -> list[str]:
     return changes
 
 
-def expand_pending(connection: BaseDatabaseWrapper) -> int:
-    """Expand every deferred statement ``connection`` sees (its transaction's own, and
-    committed ones), if the expanding function is installed; returns how many."""
+def expand_pending(connection: BaseDatabaseWrapper, xids: list[int] | None = None) -> int:
+    """Expand the deferred statements ``connection`` sees (its transaction's own, and
+    committed ones) of the transactions ``xids``, or all of them, if the expanding function
+    is installed; returns how many."""
     with connection.cursor() as cursor:
         cursor.execute("SELECT to_regproc(%s) IS NOT NULL", [EXPAND_FUNCTION])
         if not cursor.fetchone()[0]:
             return 0
-        cursor.execute(f"SELECT {connection.ops.quote_name(EXPAND_FUNCTION)}(NULL)")
+        function = connection.ops.quote_name(EXPAND_FUNCTION)
+        cursor.execute(f"SELECT {function}(%s::bigint[])", [xids])
         return cursor.fetchone()[0]
 
 

@@ -211,12 +211,25 @@ def test_uninstall_expands_what_waits_before_the_functions_go(shop, defer):
     assert events() == ["Payout Created"] * 3
 
 
-def test_a_statement_whose_expander_is_gone_waits_and_fails_nothing(shop, defer):
+def test_a_statement_whose_expander_is_gone_waits_and_holds_up_nothing(shop, defer):
     Payout.objects.bulk_create(payouts(shop, 3))
     DeferredStatement.objects.update(expander="django_cdp_no_such_function")
-    assert deferred.expand() == 0
+    Payout.objects.bulk_create(payouts(shop, 4))
+    assert deferred.expand() == 1
     assert stored() == [("payouts.payout", "insert", 3)]
+    assert events() == ["Payout Created"] * 4
     DeferredStatement.objects.all().delete()
+
+
+def test_a_backlog_is_expanded_oldest_first_in_bounded_transactions(shop, defer, monkeypatch):
+    monkeypatch.setattr(deferred, "ROWS_PER_TRANSACTION", 4)
+    for n in (3, 4, 5):
+        Payout.objects.bulk_create(payouts(shop, n))  # three transactions
+    assert deferred.expand(max_rows=4) == 2  # 3 rows, then 4: past max_rows, it stops
+    assert stored() == [("payouts.payout", "insert", 5)]
+    assert len(events()) == 7
+    assert deferred.expand() == 1  # alone past ROWS_PER_TRANSACTION: a transaction is whole
+    assert len(events()) == 12
 
 
 def test_a_second_expander_waits_its_turn_instead_of_expanding_twice(shop, defer):
@@ -235,7 +248,7 @@ def test_a_second_expander_waits_its_turn_instead_of_expanding_twice(shop, defer
     finally:
         other.close()
     assert deferred.expand() == 1
-    assert deferred.pending() == 0
+    assert stored() == []
 
 
 # --- settings and health ----------------------------------------------------------------------
