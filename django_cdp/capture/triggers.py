@@ -252,7 +252,7 @@ class Generator:
         body: str,
         *,
         arguments: str = "",
-        declare: str = "    written bigint;\n    flagged text;\n",
+        declare: str = "    written bigint;\n    flagged text;\n    candidates text[];\n",
     ) -> str:
         """A trigger function, or (with ``arguments``) a function returning nothing: the
         identity function takes the owners to identify, an expander its deferred statement."""
@@ -275,9 +275,9 @@ class Generator:
             f"    ambient := {AMBIENT};\n"
         )
 
-    def _identify_call(self, config: ModelConfig, rows: str) -> str:
-        """Re-identify the owners of ``rows``: call the identity function only when one of
-        them may need an identify.
+    def _identify_call(self, config: ModelConfig, rows: str, candidates: str = "") -> str:
+        """Re-identify the owners of ``rows`` (or of the array ``candidates``, gathered
+        already): call the identity function only when one of them may need an identify.
 
         Most changes leave their owner's traits as they were. Until this transaction has
         written an identify (:data:`IDENTIFIED_SETTING`), the last identify recorded for an
@@ -288,10 +288,11 @@ class Generator:
         if not (config.identify or config.is_identity):
             return ""
         owner_pk, _ = self.sql.owner(config, identity, "r.j")
-        owners = (
-            f"ARRAY(SELECT DISTINCT o FROM (SELECT {owner_pk} AS o FROM {jsonb_rows(rows)} r) q "
-            "WHERE o IS NOT NULL)"
-        )
+        if candidates:
+            given = f"unnest({candidates}) o"
+        else:
+            given = f"(SELECT {owner_pk} AS o FROM {jsonb_rows(rows)} r) q"
+        owners = f"ARRAY(SELECT DISTINCT o FROM {given} WHERE o IS NOT NULL)"
         call = f"PERFORM {self.q(identify_function(identity))}({owners});"
         if cdp_settings.SEND_UNCHANGED_IDENTIFY:
             return f"    {call}\n"
@@ -301,7 +302,7 @@ class Generator:
         # check only matches them against the identity's pks, so it takes them as they come
         # (repeated, or NULL for a row without an owner): sorting out the distinct ones cost
         # every write about 22k instructions, and only the identity function needs them.
-        candidates = f"ARRAY(SELECT {owner_pk} FROM {jsonb_rows(rows)} r)"
+        candidates = candidates or f"ARRAY(SELECT {owner_pk} FROM {jsonb_rows(rows)} r)"
         changed = (
             f"EXISTS (SELECT 1 FROM {self._identity_rows(identity, candidates)} r "
             f"WHERE {error} IS NOT NULL OR md5(({traits})::text) IS DISTINCT FROM "
@@ -430,12 +431,11 @@ class Generator:
 
     def _insert_function(self, config: ModelConfig) -> str:
         rows = jsonb_rows("new_rows")
-        main = ""
+        main = withhold = ""
         if CREATED in config.events:
             main = f"    {self._created(config, rows)};\n" + self._flag(TRACKED_SETTING)
-        body = self._guard() + self._deferring(config, "insert", main)
-        if CREATED in config.events:
-            body += self._withhold(config, CREATED, rows)
+            withhold = self._withhold(config, CREATED, rows)
+        body = self._guard() + self._deferring(config, "insert", main, withhold) + withhold
         body += self._identify_call(config, "new_rows")
         body += "    RETURN NULL;"
         return self._function(function_name(config, "insert"), body)
@@ -543,11 +543,12 @@ class Generator:
             main += f"    ELSE\n    {self._updated(config, pairs, combine=False)};\n"
             main += self._flag(TRACKED_SETTING)
         main += "    END IF;\n"
-        body = self._guard() + self._deferring(config, "update", main)
+        withhold = ""
         if UPDATED in config.events:
             changed = f"{self.sql.tracked(config, 'q.j')} IS DISTINCT FROM "
             changed += self.sql.tracked(config, "q.oj")
-            body += self._withhold(config, UPDATED, f"(SELECT * FROM {pairs} q WHERE {changed})")
+            withhold = self._withhold(config, UPDATED, f"(SELECT * FROM {pairs} q WHERE {changed})")
+        body = self._guard() + self._deferring(config, "update", main, withhold) + withhold
         body += self._identify_call(config, "new_rows")
         body += "    RETURN NULL;"
         return self._function(function_name(config, "update"), body)
@@ -612,9 +613,8 @@ class Generator:
             main += f"    ELSE\n    {self._deleted(config, rows, combine=False)};\n"
             main += self._flag(TRACKED_SETTING)
         main += "    END IF;\n"
-        body = self._guard() + self._deferring(config, "delete", main)
-        if DELETED in config.events:
-            body += self._withhold(config, DELETED, rows)
+        withhold = self._withhold(config, DELETED, rows) if DELETED in config.events else ""
+        body = self._guard() + self._deferring(config, "delete", main, withhold) + withhold
         if not config.is_identity:
             body += self._identify_call(config, "old_rows")
         body += "    RETURN NULL;"
@@ -622,7 +622,7 @@ class Generator:
 
     # --- deferred statements ----------------------------------------------------------------
 
-    def _deferring(self, config: ModelConfig, operation: str, main: str) -> str:
+    def _deferring(self, config: ModelConfig, operation: str, main: str, withhold: str) -> str:
         """``main`` (the statements writing the messages of the trigger's statement), with
         what deferred statements need around it.
 
@@ -647,33 +647,40 @@ class Generator:
             rows, stored = self._pairs(config), "jsonb_build_array(q.j, q.oj)"
         else:
             rows, stored = jsonb_rows(transition), "q.j"
+        # The rows' owners are gathered from the jsonb the statement stores anyway, for the
+        # re-identify (reading them from the transition table again cost a third as much).
+        owner_pk, _ = self.sql.owner(config, registry.configured_identity, "q.j")
         store = (
-            f"    INSERT INTO {self.deferred} (xid, source_model, operation, expander, rows, "
-            "row_count, stamp, message_id_prefix, ambient, created_at) "
+            f"    WITH q AS MATERIALIZED (SELECT * FROM "
+            f"{consent.sql_consenting(self.sql, config, rows)} q), "
+            f"stored AS (INSERT INTO {self.deferred} (xid, source_model, operation, expander, "
+            "rows, row_count, stamp, message_id_prefix, ambient, created_at) "
             f"SELECT x, {literal(config.model._meta.label_lower)}, {literal(operation)}, "
             f"{literal(expander_name(config, operation))}, jsonb_agg({stored}), count(*), "
-            "stamp, idp, ambient, clock_timestamp() "
-            f"FROM {consent.sql_consenting(self.sql, config, rows)} q HAVING count(*) > 0;\n"
+            "stamp, idp, ambient, clock_timestamp() FROM q HAVING count(*) > 0 RETURNING 1) "
+            f"SELECT ARRAY(SELECT {owner_pk} FROM q), (SELECT count(*) FROM stored) "
+            "INTO candidates, written;\n"
+            f"    flagged := CASE WHEN written > 0 THEN set_config({literal(DEFERRED_SETTING)}, "
+            "'on', true) END;\n"
         )
         # Counting the transition table is a query, which every single-row write would pay
         # for (about 20k instructions). The rows this backend has written to the table and not
         # yet reported to the statistics (the statement's among them, so never fewer) are a
         # plain function call: the table is counted only when they could be enough. A
         # transaction with deferred statements has written no track row (they are expanded
-        # before one is), so the common case, neither, costs one expression.
+        # before one is), so the common case, neither, costs one expression. A deferred
+        # statement's function ends in its branch.
         stat = f"pg_stat_get_xact_tuples_{counted}(TG_RELID) >= {limit}"
         return (
-            "    <<capture>>\n    BEGIN\n"
             f"    IF NOT {self._flagged(TRACKED_SETTING)} AND "
             f"({self._flagged(DEFERRED_SETTING)} OR {stat}) THEN\n"
             f"        IF {stat} AND EXISTS (SELECT 1 FROM {transition} OFFSET {limit - 1}) THEN\n"
-            f"{store}{self._flag(DEFERRED_SETTING)}"
-            "            EXIT capture;\n"
+            f"{store}{withhold}{self._identify_call(config, transition, 'candidates')}"
+            "            RETURN NULL;\n"
             "        END IF;\n"
             f"    {expand_first}"
             "    END IF;\n"
             f"{main}"
-            "    END capture;\n"
         )
 
     def _expander(self, config: ModelConfig, operation: str) -> str:
