@@ -395,7 +395,8 @@ class WithheldCount(models.Model):
 
 
 class DeferredStatement(models.Model):
-    """The rows of one large statement, written by a capture trigger, not yet messages.
+    """The rows of one large statement (or a part of it: at most 10,000 rows), written by a
+    capture trigger, not yet messages.
 
     A ``QuerySet.update()``, ``bulk_create`` or ``DELETE`` that changes at least
     ``DEFER_STATEMENT_ROWS`` rows of a model whose messages say only what is on the row

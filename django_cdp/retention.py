@@ -146,13 +146,13 @@ def erase_user(
     is being sent or will be. With ``wait=False`` it returns at once and
     ``in_flight_seconds`` says how long a request may still be running.
     """
-    # The user's events in statements the triggers deferred become messages first, so that
-    # they go with the others (deferred.expand waits for a worker expanding meanwhile).
-    deferred.expand(using, wait=True)
     messages = Message.objects.using(using).filter(user_id=user_id)
     digests = TraitsDigest.objects.using(using)
     if dry_run:
         return ErasureResult(messages.count(), digests.filter(user_id=user_id).count())
+    # The user's events in statements the triggers deferred become messages first, so that
+    # they go with the others (deferred.expand waits for a worker expanding meanwhile).
+    deferred.expand(using, wait=True)
     with transaction.atomic(using=using):
         in_flight, seconds = _leases(messages)
         deleted_messages = _delete_messages(messages)

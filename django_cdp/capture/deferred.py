@@ -17,9 +17,9 @@ from __future__ import annotations
 import logging
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
-from django.db.models import F, Func, IntegerField, Min, Sum
+from django.db.models import BooleanField, F, Func, Max, Min, Sum
 
-from django_cdp.capture.triggers import expand_pending
+from django_cdp.capture.triggers import EXPANDER_EXISTS, expand_pending
 from django_cdp.models import DeferredStatement
 
 logger = logging.getLogger("django_cdp")
@@ -45,7 +45,11 @@ def expand(
     ``wait`` waits for it (erasure must see every message of a user).
     """
     connection = connections[using]
-    if connection.vendor != "postgresql" or not DeferredStatement.objects.using(using).exists():
+    if connection.vendor != "postgresql":
+        return 0
+    # What is stored meanwhile waits for the next call: a call ends, however busy the writers.
+    last = DeferredStatement.objects.using(using).aggregate(last=Max("id"))["last"]
+    if last is None:
         return 0
     lock = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
     expanded = rows = 0
@@ -55,7 +59,7 @@ def expand(
                 cursor.execute(f"SELECT {lock}(%s)", [LOCK_KEY])
                 if not wait and not cursor.fetchone()[0]:
                     break
-            batch = _next_transactions(using)
+            batch = _next_transactions(using, last)
             count = expand_pending(connection, [xid for xid, _ in batch]) if batch else 0
         if not count:
             break
@@ -66,15 +70,22 @@ def expand(
     return expanded
 
 
-def _next_transactions(using: str) -> list[tuple[int, int]]:
+def _next_transactions(using: str, last: int) -> list[tuple[int, int]]:
     """``(xid, rows)`` of the transactions whose statements are expanded next: the oldest
-    first, about :data:`ROWS_PER_TRANSACTION` rows of them, at least one transaction."""
+    first, about :data:`ROWS_PER_TRANSACTION` rows of them, at least one transaction, none
+    of those stored after the statement ``last``."""
     queue = (
         DeferredStatement.objects.using(using)
         # A statement whose expander is gone (triggers uninstalled by hand) waits, and does
         # not hold up the others.
-        .alias(expander_oid=Func(F("expander"), function="to_regproc", output_field=IntegerField()))
-        .filter(expander_oid__isnull=False)
+        .alias(
+            installed=Func(
+                F("expander"),
+                template=EXPANDER_EXISTS.format("%(expressions)s"),
+                output_field=BooleanField(),
+            )
+        )
+        .filter(installed=True, id__lte=last)
         .values("xid")
         .annotate(first=Min("id"), rows=Sum("row_count"))
         .order_by("first")

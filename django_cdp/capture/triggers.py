@@ -92,6 +92,13 @@ EVENTS = {"insert": CREATED, "update": UPDATED, "delete": DELETED}
 SQL_VERSION = "5"
 #: The function that turns a transaction's deferred statements into messages.
 EXPAND_FUNCTION = PREFIX + "expand"
+#: SQL: the expander named by the text ``{}`` is installed (by signature: a trigger function
+#: may bear the same name; quoted: a table's name may have capitals).
+EXPANDER_EXISTS = "to_regprocedure(quote_ident({}) || '(bigint)') IS NOT NULL"
+#: A deferred statement is stored in parts of at most this many rows, and about this many
+#: bytes (PostgreSQL refuses a jsonb value of 256 MB or more).
+STORE_ROWS = 10_000
+STORE_BYTES = 64 * 1024 * 1024
 
 
 # --- names ----------------------------------------------------------------------------------------
@@ -134,12 +141,17 @@ def deferrable(config: ModelConfig) -> bool:
 
     Only when everything its messages say is on the changed row itself: properties that
     are the model's own columns, and an owner that is a foreign key holding the owner's
-    userId (its pk). Then the messages built at delivery from the stored rows are the
-    messages the statement would have written, whatever happens to other rows meanwhile.
+    userId (its pk), and no ``CONSENT``. Then the messages built at delivery from the stored
+    rows are the messages the statement would have written, whatever happens to other rows
+    meanwhile.
     The identity model is never deferred: its statements also write identifies, and a
     deleted owner takes its identify of the transaction with it.
     """
     if config.is_identity or cdp_settings.DEFER_STATEMENT_ROWS is None:
+        return False
+    if consent.current() is not None:
+        # Consent decides which rows write messages, and the normal path still takes back
+        # the transaction's earlier messages of the others: not worth a second copy of that.
         return False
     if any(source.kind != "column" for source in config.properties):
         return False
@@ -387,35 +399,29 @@ class Generator:
         rows: str,
         extra: str = "",
         mid: str = NEW_MESSAGE_ID,
-        *,
-        consenting: bool = True,
     ) -> str:
         """SELECT per changed row: its jsonb ``j``, pk, owner, properties and their error;
-        only the rows of owners with consent, unless ``rows`` were chosen so already (a
-        deferred statement stores only those)."""
+        only the rows of owners with consent."""
         identity = registry.configured_identity
         _, uid = self.sql.owner(config, identity, "r.j")
         props, error = self.sql.properties(config, "r.j")
-        source = consent.sql_consenting(self.sql, config, rows) if consenting else rows
         return (
             f"SELECT r.*, {self.sql.pk_text(config.model, 'r.j')} AS pk, {uid} AS uid, "
             f"{props} AS props, {error} AS err, {mid} AS mid{extra} "
-            f"FROM {source} r"
+            f"FROM {consent.sql_consenting(self.sql, config, rows)} r"
         )
 
     # Each operation's messages are written by one statement built from the changed rows
     # (``rows``: a FROM item with the jsonb ``j`` of each row, an update's also with ``oj``,
     # the row before). The trigger function runs it on the statement's transition tables;
     # an expander (:meth:`_expander`) runs the same statement on a deferred statement's
-    # stored rows, with ``consenting=False`` (they were chosen when stored) and ``made``,
-    # the time the statement ran.
+    # stored rows, with ``made``, the time the statement ran.
 
     def _created(
         self,
         config: ModelConfig,
         rows: str,
         *,
-        consenting: bool = True,
         made: str = "clock_timestamp()",
     ) -> str:
         """The INSERT of the ``Created`` rows of ``rows``."""
@@ -426,7 +432,7 @@ class Generator:
         event = literal(config.event_name(CREATED))
         values = self._row_values("track", event, label, capture, where, minimal, made)
         tracked = self.sql.tracked(config, "r.j")
-        base = self._base(config, rows, f", {tracked} AS cur", consenting=consenting)
+        base = self._base(config, rows, f", {tracked} AS cur")
         return self._insert_messages(values, f"(WITH b AS ({base}) {built}) m")
 
     def _insert_function(self, config: ModelConfig) -> str:
@@ -435,7 +441,7 @@ class Generator:
         if CREATED in config.events:
             main = f"    {self._created(config, rows)};\n" + self._flag(TRACKED_SETTING)
             withhold = self._withhold(config, CREATED, rows)
-        body = self._guard() + self._deferring(config, "insert", main, withhold) + withhold
+        body = self._guard() + self._deferring(config, "insert", main) + withhold
         body += self._identify_call(config, "new_rows")
         body += "    RETURN NULL;"
         return self._function(function_name(config, "insert"), body)
@@ -454,7 +460,6 @@ class Generator:
         pairs: str,
         *,
         combine: bool,
-        consenting: bool = True,
         made: str = "clock_timestamp()",
     ) -> str:
         """The statement writing the messages of an update's ``pairs``: combined with the rows
@@ -477,9 +482,7 @@ class Generator:
         updated_capture = "jsonb_build_object('action', 'updated', 'reference', b.ref)"
         where = self.sql.describe(config.model, "m.j")
         # The rows that write or rewrite a message, and their messages.
-        base = self._base(
-            config, "f", "", f"COALESCE(r.entry_mid, {NEW_MESSAGE_ID})", consenting=consenting
-        )
+        base = self._base(config, "f", "", f"COALESCE(r.entry_mid, {NEW_MESSAGE_ID})")
         b = (
             f"b AS ({base} WHERE "
             "(r.action = 'created' AND r.cur IS DISTINCT FROM r.last) "
@@ -548,7 +551,7 @@ class Generator:
             changed = f"{self.sql.tracked(config, 'q.j')} IS DISTINCT FROM "
             changed += self.sql.tracked(config, "q.oj")
             withhold = self._withhold(config, UPDATED, f"(SELECT * FROM {pairs} q WHERE {changed})")
-        body = self._guard() + self._deferring(config, "update", main, withhold) + withhold
+        body = self._guard() + self._deferring(config, "update", main) + withhold
         body += self._identify_call(config, "new_rows")
         body += "    RETURN NULL;"
         return self._function(function_name(config, "update"), body)
@@ -559,7 +562,6 @@ class Generator:
         rows: str,
         *,
         combine: bool,
-        consenting: bool = True,
         made: str = "clock_timestamp()",
     ) -> str:
         """The statement writing the ``Deleted`` rows of ``rows``: taking back the rows this
@@ -573,7 +575,7 @@ class Generator:
         values = self._row_values("track", event, label, "NULL", where, minimal, made)
         insert = self._insert_messages(values, "m")
         if not combine:
-            first = [f"b AS ({self._base(config, rows, consenting=consenting)})", f"m AS ({built})"]
+            first = [f"b AS ({self._base(config, rows)})", f"m AS ({built})"]
             return "WITH " + ",\n    ".join(first) + f"\n    {insert}"
         pk_c = self.sql.pk_text(config.model, "c.j")
         ctes = [
@@ -596,7 +598,7 @@ class Generator:
             f"{pk_c} WHERE e.capture->>'action' IS DISTINCT FROM 'created' AND {deleted})"
         )
         ctes += [
-            f"b AS ({self._base(config, kept, consenting=consenting)})",
+            f"b AS ({self._base(config, kept)})",
             f"m AS ({built})",
         ]
         return "WITH " + ",\n    ".join(ctes) + f"\n    {insert}"
@@ -614,7 +616,7 @@ class Generator:
             main += self._flag(TRACKED_SETTING)
         main += "    END IF;\n"
         withhold = self._withhold(config, DELETED, rows) if DELETED in config.events else ""
-        body = self._guard() + self._deferring(config, "delete", main, withhold) + withhold
+        body = self._guard() + self._deferring(config, "delete", main) + withhold
         if not config.is_identity:
             body += self._identify_call(config, "old_rows")
         body += "    RETURN NULL;"
@@ -622,7 +624,7 @@ class Generator:
 
     # --- deferred statements ----------------------------------------------------------------
 
-    def _deferring(self, config: ModelConfig, operation: str, main: str, withhold: str) -> str:
+    def _deferring(self, config: ModelConfig, operation: str, main: str) -> str:
         """``main`` (the statements writing the messages of the trigger's statement), with
         what deferred statements need around it.
 
@@ -649,16 +651,21 @@ class Generator:
             rows, stored = jsonb_rows(transition), "q.j"
         # The rows' owners are gathered from the jsonb the statement stores anyway, for the
         # re-identify (reading them from the transition table again cost a third as much).
+        # The rows are stored in parts of at most STORE_ROWS rows and about STORE_BYTES
+        # bytes: a jsonb value cannot exceed 256 MB, and a statement must never fail on it.
         owner_pk, _ = self.sql.owner(config, registry.configured_identity, "q.j")
         store = (
-            f"    WITH q AS MATERIALIZED (SELECT * FROM "
-            f"{consent.sql_consenting(self.sql, config, rows)} q), "
+            f"    WITH q AS MATERIALIZED (SELECT {stored} AS s, {owner_pk} AS o FROM {rows} q), "
+            "p AS (SELECT s, (row_number() OVER w - 1) / "
+            f"{STORE_ROWS} AS by_rows, sum(pg_column_size(s)) OVER w / {STORE_BYTES} AS by_size "
+            "FROM q WINDOW w AS (ROWS UNBOUNDED PRECEDING)), "
             f"stored AS (INSERT INTO {self.deferred} (xid, source_model, operation, expander, "
             "rows, row_count, stamp, message_id_prefix, ambient, created_at) "
             f"SELECT x, {literal(config.model._meta.label_lower)}, {literal(operation)}, "
-            f"{literal(expander_name(config, operation))}, jsonb_agg({stored}), count(*), "
-            "stamp, idp, ambient, clock_timestamp() FROM q HAVING count(*) > 0 RETURNING 1) "
-            f"SELECT ARRAY(SELECT {owner_pk} FROM q), (SELECT count(*) FROM stored) "
+            f"{literal(expander_name(config, operation))}, jsonb_agg(s), count(*), "
+            "stamp, idp, ambient, clock_timestamp() FROM p GROUP BY by_rows, by_size "
+            "RETURNING 1) "
+            "SELECT ARRAY(SELECT o FROM q), (SELECT count(*) FROM stored) "
             "INTO candidates, written;\n"
             f"    flagged := CASE WHEN written > 0 THEN set_config({literal(DEFERRED_SETTING)}, "
             "'on', true) END;\n"
@@ -675,7 +682,7 @@ class Generator:
             f"    IF NOT {self._flagged(TRACKED_SETTING)} AND "
             f"({self._flagged(DEFERRED_SETTING)} OR {stat}) THEN\n"
             f"        IF {stat} AND EXISTS (SELECT 1 FROM {transition} OFFSET {limit - 1}) THEN\n"
-            f"{store}{withhold}{self._identify_call(config, transition, 'candidates')}"
+            f"{store}{self._identify_call(config, transition, 'candidates')}"
             "            RETURN NULL;\n"
             "        END IF;\n"
             f"    {expand_first}"
@@ -689,12 +696,12 @@ class Generator:
         wrote before (its earlier deferred statements, expanded in order)."""
         rows = "(SELECT e AS j FROM jsonb_array_elements(data) e)"
         if operation == "insert":
-            statement = self._created(config, rows, consenting=False, made="made")
+            statement = self._created(config, rows, made="made")
         elif operation == "update":
             pairs = "(SELECT e->0 AS j, e->1 AS oj FROM jsonb_array_elements(data) e)"
-            statement = self._updated(config, pairs, combine=True, consenting=False, made="made")
+            statement = self._updated(config, pairs, combine=True, made="made")
         else:
-            statement = self._deleted(config, rows, combine=True, consenting=False, made="made")
+            statement = self._deleted(config, rows, combine=True, made="made")
         body = (
             "    SELECT s.xid, s.stamp, s.message_id_prefix, s.ambient, s.rows, s.created_at "
             f"INTO x, stamp, idp, ambient, data, made FROM {self.deferred} s "
@@ -717,16 +724,21 @@ class Generator:
             f"RETURNS integer LANGUAGE plpgsql SECURITY DEFINER {self.options} AS {BODY_TAG}\n"
             "DECLARE\n    s record;\n    n integer := 0;\nBEGIN\n"
             f"    FOR s IN SELECT d.id, d.expander FROM {self.deferred} d "
-            "WHERE (xids IS NULL OR d.xid = ANY(xids)) AND to_regproc(d.expander) IS NOT NULL "
+            f"WHERE (xids IS NULL OR d.xid = ANY(xids)) AND {EXPANDER_EXISTS.format('d.expander')} "
             "ORDER BY d.id FOR UPDATE LOOP\n"
             "        EXECUTE format('SELECT %I($1)', s.expander) USING s.id;\n"
             f"        DELETE FROM {self.deferred} WHERE id = s.id;\n"
             "        n := n + 1;\n"
             "    END LOOP;\n"
             "    IF n > 0 THEN\n"
-            f"        PERFORM set_config({literal(DEFERRED_SETTING)}, '', true);\n"
             # The messages exist now: later statements combine with them.
             f"        PERFORM set_config({literal(TRACKED_SETTING)}, 'on', true);\n"
+            "    END IF;\n"
+            # Statements it could not expand keep the flag (and their place): nothing combines
+            # with them until they are.
+            f"    IF n > 0 AND NOT EXISTS (SELECT 1 FROM {self.deferred} d "
+            "WHERE xids IS NULL OR d.xid = ANY(xids)) THEN\n"
+            f"        PERFORM set_config({literal(DEFERRED_SETTING)}, '', true);\n"
             "    END IF;\n"
             "    RETURN n;\n"
             f"END\n{BODY_TAG};"
@@ -969,6 +981,7 @@ def install(using: str, *, force: bool = False) -> list[str]:
     changes: list[str] = []
     statements: list[str] = []
     keep_tables = {w.table for w in wanted}
+    changed_tables = {table for table, _ in installed if table not in keep_tables}
     for (table, name), _ in sorted(installed.items()):
         if table not in keep_tables:
             statements.append(f"DROP TRIGGER IF EXISTS {generator.q(name)} ON {generator.q(table)}")
@@ -986,7 +999,14 @@ def install(using: str, *, force: bool = False) -> list[str]:
         statements.extend(dict.fromkeys(sql for sql in shared if sql))
     for model_sql in todo:
         table = generator.q(model_sql.table)
-        statements.extend(model_sql.expanders.values())
+        changed_tables.add(model_sql.table)
+        for op, expander in model_sql.expanders.items():
+            # Only the expanding function (SECURITY DEFINER, as the owner) calls it, in order.
+            statements.append(expander)
+            statements.append(
+                f"REVOKE ALL ON FUNCTION {generator.q(expander_name(model_sql.config, op))}"
+                "(bigint) FROM PUBLIC"
+            )
         for op in OPERATIONS:
             statements.append(model_sql.functions[op])
             name = generator.q(trigger_name(op))
@@ -1008,14 +1028,25 @@ def install(using: str, *, force: bool = False) -> list[str]:
         if cdp_settings.DEFER_STATEMENT_ROWS is not None:
             keep.add(EXPAND_FUNCTION)
     with transaction.atomic(using=using):
+        # What was deferred is expanded by the functions it was written for, before they
+        # change or go: once the tables' writers are done (a transaction still open may be
+        # deferring a statement), which the triggers' DDL waits for anyway.
+        _lock(connection, changed_tables)
+        expand_pending(connection)
         with connection.cursor() as cursor:
-            # What was deferred is expanded by the functions it was written for, before
-            # they change or go.
-            expand_pending(connection)
             for statement in statements:
                 cursor.execute(statement)
         _drop_functions(connection, keep)
     return changes
+
+
+def _lock(connection: BaseDatabaseWrapper, tables: Iterable[str]) -> None:
+    """Wait for the transactions writing ``tables`` and keep new ones out (the lock that
+    ``CREATE TRIGGER`` and ``DROP TRIGGER`` take; reads go on)."""
+    names = ", ".join(connection.ops.quote_name(t) for t in sorted(tables))
+    if names:
+        with connection.cursor() as cursor:
+            cursor.execute(f"LOCK TABLE {names} IN SHARE ROW EXCLUSIVE MODE")
 
 
 def expand_pending(connection: BaseDatabaseWrapper, xids: list[int] | None = None) -> int:
@@ -1047,6 +1078,7 @@ def uninstall(using: str) -> list[str]:
     installed = _installed(connection)
     q = connection.ops.quote_name
     with transaction.atomic(using=using), connection.cursor() as cursor:
+        _lock(connection, {table for table, _ in installed})
         expand_pending(connection)
         for table, name in sorted(installed):
             cursor.execute(f"DROP TRIGGER IF EXISTS {q(name)} ON {q(table)}")

@@ -113,6 +113,36 @@ def test_models_whose_messages_read_other_rows_are_never_deferred(shop, defer, s
     assert stored() == []
 
 
+def test_a_large_statement_is_stored_in_parts(shop, defer, settings, monkeypatch):
+    """A jsonb value cannot exceed 256 MB: the rows go in parts of STORE_ROWS (and bytes)."""
+    monkeypatch.setattr(triggers, "STORE_ROWS", 2)
+    settings.DJANGO_CDP = {**settings.DJANGO_CDP, "DEFER_STATEMENT_ROWS": 3}  # re-installs
+    Payout.objects.bulk_create(payouts(shop, 5))
+    assert sorted(s[2] for s in stored()) == [1, 2, 2]
+    assert deferred.expand() == 3
+    assert sorted(m["properties"]["amount"] for m in messages(type="track")) == [
+        Decimal(f"{i}.00") for i in (1, 2, 3, 4, 5)
+    ]
+
+
+def test_with_consent_nothing_is_deferred(shop, defer, settings):
+    settings.DJANGO_CDP = {**settings.DJANGO_CDP, "CONSENT": "analytics_opt_in"}
+    assert not triggers.deferrable(registry.get(Payout))
+    Payout.objects.bulk_create(payouts(shop, 3))
+    assert stored() == []
+    assert events() == ["Payout Created"] * 3
+
+
+def test_only_the_expanding_function_may_call_an_expander(shop, defer):
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT bool_or(a.grantee = 0) FROM pg_proc p, aclexplode(p.proacl) a "
+            "WHERE p.proname = %s",
+            [triggers.expander_name(registry.get(Payout), "insert")],
+        )
+        assert cursor.fetchone()[0] is False  # no grant to PUBLIC
+
+
 def test_none_never_defers(shop, settings):
     settings.DJANGO_CDP = {**settings.DJANGO_CDP, "DEFER_STATEMENT_ROWS": None}
     Payout.objects.bulk_create(payouts(shop, 1200))
