@@ -76,6 +76,8 @@ class Status:
     config_error: str | None = None
     config_error_code: int | None = None
     reasons: list[str] = field(default_factory=list)
+    #: :func:`deferred_statements`: what the capture triggers deferred, not messages yet.
+    deferred: dict[str, Any] = field(default_factory=dict)
 
     @property
     def oldest_pending_age_text(self) -> str:
@@ -142,6 +144,7 @@ def delivery_status(
         config_error=mask_secrets(error) if error else None,
         config_error_code=code,
         reasons=reasons,
+        deferred=waiting,
     )
 
 
@@ -428,6 +431,6 @@ def report(
         "delays": delays(using, now),
         "errors": top_errors(using, now),
         "withheld": withheld(using, now),
-        "deferred": deferred_statements(using),
+        "deferred": status.deferred,
         "now": now,
     }

@@ -232,10 +232,11 @@ class Generator:
         capture: str,
         where: str,
         minimal: str,
-        made: str = "clock_timestamp()",
+        made: str | None = None,
     ) -> dict[str, str]:
         """Column values of a message row built in a CTE ``m`` (text, size, err, uid, mid, pk),
-        written at ``made`` (an expanded statement's rows: when the statement ran)."""
+        written now, or at ``made`` (an expanded statement's rows: when the statement ran,
+        and due from then, so that they go out in the order the statements ran)."""
         decided = self._decided(minimal, where)
         values = {
             "message_id": "m.mid",
@@ -247,15 +248,15 @@ class Generator:
             "attempts": "0",
             "locked_by": "''",
             "last_error": decided["last_error"],
-            "created_at": made,
+            "created_at": made or "clock_timestamp()",
             "source_model": literal(source_model),
             "source_pk": "m.pk",
             "violations": "'[]'::jsonb",
             "xid": "x",
             "capture": capture,
         }
-        if made != "clock_timestamp()":
-            values["next_attempt_at"] = made  # due in the order the statements ran
+        if made:
+            values["next_attempt_at"] = made
         return values
 
     def _function(
@@ -394,11 +395,7 @@ class Generator:
         return self._measured(msg), minimal_message("m.text", "track")
 
     def _base(
-        self,
-        config: ModelConfig,
-        rows: str,
-        extra: str = "",
-        mid: str = NEW_MESSAGE_ID,
+        self, config: ModelConfig, rows: str, extra: str = "", mid: str = NEW_MESSAGE_ID
     ) -> str:
         """SELECT per changed row: its jsonb ``j``, pk, owner, properties and their error;
         only the rows of owners with consent."""
@@ -422,7 +419,7 @@ class Generator:
         config: ModelConfig,
         rows: str,
         *,
-        made: str = "clock_timestamp()",
+        made: str | None = None,
     ) -> str:
         """The INSERT of the ``Created`` rows of ``rows``."""
         label = config.model._meta.label_lower
@@ -460,7 +457,7 @@ class Generator:
         pairs: str,
         *,
         combine: bool,
-        made: str = "clock_timestamp()",
+        made: str | None = None,
     ) -> str:
         """The statement writing the messages of an update's ``pairs``: combined with the rows
         this transaction wrote for the same objects (``combine``), or, when it has written
@@ -562,7 +559,7 @@ class Generator:
         rows: str,
         *,
         combine: bool,
-        made: str = "clock_timestamp()",
+        made: str | None = None,
     ) -> str:
         """The statement writing the ``Deleted`` rows of ``rows``: taking back the rows this
         transaction wrote for the same objects (``combine``), or a plain insert."""
@@ -731,14 +728,14 @@ class Generator:
             "        n := n + 1;\n"
             "    END LOOP;\n"
             "    IF n > 0 THEN\n"
-            # The messages exist now: later statements combine with them.
+            # The messages exist now: later statements combine with them. Statements it could
+            # not expand keep the flag (and their place): nothing combines with them until
+            # they are.
             f"        PERFORM set_config({literal(TRACKED_SETTING)}, 'on', true);\n"
-            "    END IF;\n"
-            # Statements it could not expand keep the flag (and their place): nothing combines
-            # with them until they are.
-            f"    IF n > 0 AND NOT EXISTS (SELECT 1 FROM {self.deferred} d "
+            f"        IF NOT EXISTS (SELECT 1 FROM {self.deferred} d "
             "WHERE xids IS NULL OR d.xid = ANY(xids)) THEN\n"
-            f"        PERFORM set_config({literal(DEFERRED_SETTING)}, '', true);\n"
+            f"            PERFORM set_config({literal(DEFERRED_SETTING)}, '', true);\n"
+            "        END IF;\n"
             "    END IF;\n"
             "    RETURN n;\n"
             f"END\n{BODY_TAG};"
@@ -1023,10 +1020,9 @@ def install(using: str, *, force: bool = False) -> list[str]:
         return changes
     keep = {function_name(w.config, op) for w in wanted for op in OPERATIONS}
     keep |= {expander_name(w.config, op) for w in wanted for op in w.expanders}
+    keep |= {EXPAND_FUNCTION for w in wanted if w.expand}
     if wanted:
         keep.add(identify_function(registry.configured_identity))
-        if cdp_settings.DEFER_STATEMENT_ROWS is not None:
-            keep.add(EXPAND_FUNCTION)
     with transaction.atomic(using=using):
         # What was deferred is expanded by the functions it was written for, before they
         # change or go: once the tables' writers are done (a transaction still open may be
