@@ -128,7 +128,7 @@ def delivery_status(
     waiting = deferred_statements(using)
     if waiting["oldest"] is not None and now - waiting["oldest"] > stuck_after:
         reasons.append(
-            f"{waiting['statements']} large statement(s) of {waiting['rows']} rows deferred by the "
+            f"{waiting['statements']} statement(s) of {waiting['rows']} rows deferred by the "
             f"capture triggers wait to become messages since "
             f"{_fmt_age(now - waiting['oldest'])} (delivery expands them before it claims)"
         )

@@ -395,18 +395,20 @@ class WithheldCount(models.Model):
 
 
 class DeferredStatement(models.Model):
-    """The rows of one large statement (or a part of it: at most 10,000 rows), written by a
-    capture trigger, not yet messages.
+    """The rows of one statement (or a part of it: at most 10,000 rows), written by a capture
+    trigger, not yet messages.
 
-    A ``QuerySet.update()``, ``bulk_create`` or ``DELETE`` that changes at least
-    ``DEFER_STATEMENT_ROWS`` rows of a model whose messages say only what is on the row
-    itself (see :func:`django_cdp.capture.triggers.deferrable`) is not turned into a
-    message per row inside the user's statement: the trigger stores the statement's rows
-    here, in the same transaction, and delivery turns them into messages
+    A statement (a ``save()``, ``QuerySet.update()``, ``bulk_create``, ``DELETE``) that
+    changes at least ``DEFER_STATEMENT_ROWS`` rows (by default 1: every statement) of a
+    model whose messages say only what is on the row itself (see
+    :func:`django_cdp.capture.triggers.deferrable`) is not turned into messages inside the
+    user's statement: the trigger stores the statement's rows here, in the same
+    transaction, and delivery turns them into messages
     (:func:`django_cdp.capture.deferred.expand`) before it claims the next batch. A later
-    tracked statement of the same transaction turns them into messages first, so the rules
-    of one transaction (one event per object, changes that cancel out) hold as for any
-    other write. Nothing here is sent; a row goes when its messages are written.
+    statement of the same transaction that cannot be deferred turns them into messages
+    first, so the rules of one transaction (one event per object, changes that cancel out)
+    hold as for any other write. Nothing here is sent; a row goes when its messages are
+    written. ``created_at`` is when its transaction began: its messages are due from then.
     """
 
     class Operation(models.TextChoices):

@@ -128,10 +128,11 @@ SETTINGS: dict[str, Setting] = {
         "compute the mapping, signals elsewhere), 'signals' or 'triggers'.",
     ),
     "DEFER_STATEMENT_ROWS": Setting(
-        1000,
+        1,
         (int, type(None)),
-        "Triggers: a statement changing at least this many rows of a model is stored whole and "
-        "turned into messages by delivery; None writes every message in the statement.",
+        "Triggers: a statement changing at least this many rows of a model (1: every "
+        "statement) is stored whole and turned into messages by delivery; None writes every "
+        "message in the statement.",
     ),
 }
 

@@ -13,6 +13,7 @@ from decimal import Decimal
 from django.db import transaction
 from django.http import HttpRequest, HttpResponse
 
+from django_cdp.capture import deferred
 from django_cdp.models import Message
 from example_project.payouts.models import Payout
 from example_project.shops.models import Shop
@@ -25,6 +26,9 @@ def demo_payout(request: HttpRequest) -> HttpResponse:
     with transaction.atomic():
         last = Message.objects.order_by("-pk").values_list("pk", flat=True).first() or 0
         Payout.objects.create(shop=shop, amount=Decimal("12.50"), currency="EUR")
+        # The trigger engine stores the statement; its message is written when delivery
+        # runs, or now, for this answer (the signal engine has written it already).
+        deferred.expand()
         written = Message.objects.filter(pk__gt=last).order_by("pk")
         payloads = [m.payload for m in written]  # the JSON text exactly as it will be sent
     body = '{"messages": [' + ",\n".join(payloads) + "]}"

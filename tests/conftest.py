@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if not (
             item.get_closest_marker("signals_only") is not None
             and getattr(item, "callspec", None) is not None
-            and item.callspec.params.get("engine") in ("triggers", "deferred")
+            and item.callspec.params.get("engine") in ("triggers", "immediate")
         )
     ]
     if len(kept) != len(items):

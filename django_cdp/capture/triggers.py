@@ -89,7 +89,7 @@ REFERENCING = {
 #: The event each operation's messages carry (a statement is only deferred when it has one).
 EVENTS = {"insert": CREATED, "update": UPDATED, "delete": DELETED}
 #: How the generated SQL is laid out: change it and every installed trigger is outdated.
-SQL_VERSION = "5"
+SQL_VERSION = "6"
 #: The function that turns a transaction's deferred statements into messages.
 EXPAND_FUNCTION = PREFIX + "expand"
 #: SQL: the expander named by the text ``{}`` is installed (by signature: a trigger function
@@ -130,14 +130,14 @@ def expander_name(config: ModelConfig, operation: str) -> str:
 
 
 def deferred_operations(config: ModelConfig) -> list[str]:
-    """The operations whose large statements are deferred (those with an event to write)."""
+    """The operations whose statements are deferred (those with an event to write)."""
     if not deferrable(config):
         return []
     return [op for op in OPERATIONS if EVENTS[op] in config.events]
 
 
 def deferrable(config: ModelConfig) -> bool:
-    """Whether a large statement of this model may be stored whole and expanded later.
+    """Whether a statement of this model may be stored whole and expanded later.
 
     Only when everything its messages say is on the changed row itself: properties that
     are the model's own columns, and an owner that is a foreign key holding the owner's
@@ -235,8 +235,9 @@ class Generator:
         made: str | None = None,
     ) -> dict[str, str]:
         """Column values of a message row built in a CTE ``m`` (text, size, err, uid, mid, pk),
-        written now, or at ``made`` (an expanded statement's rows: when the statement ran,
-        and due from then, so that they go out in the order the statements ran)."""
+        written now, or at ``made`` (an expanded statement's rows: when its transaction
+        began, and due from then like the messages that transaction wrote at once, so that
+        they go out in the order the transactions ran)."""
         decided = self._decided(minimal, where)
         values = {
             "message_id": "m.mid",
@@ -265,7 +266,7 @@ class Generator:
         body: str,
         *,
         arguments: str = "",
-        declare: str = "    written bigint;\n    flagged text;\n    candidates text[];\n",
+        declare: str = "    written bigint;\n    flagged text;\n    one jsonb;\n",
     ) -> str:
         """A trigger function, or (with ``arguments``) a function returning nothing: the
         identity function takes the owners to identify, an expander its deferred statement."""
@@ -350,24 +351,22 @@ class Generator:
         )
 
     def _open_entries(self, label: str, kind: str, keys: str) -> str:
-        """This transaction's rows of ``label`` objects whose pk is in the ``keys`` query."""
-        return (
-            f"SELECT m.id, m.source_pk, m.message_id, m.capture FROM {self.message} m "
-            f"WHERE {self._written_here(label, keys)} AND m.type = {literal(kind)}"
-        )
+        """This transaction's ``kind`` rows of ``label`` objects whose pk is in the ``keys``
+        query (of distinct pks): their id, source_pk, message_id and capture.
 
-    @staticmethod
-    def _written_here(label: str, keys: str) -> str:
-        """Rows ``m`` this transaction wrote for the ``label`` objects whose pk is in ``keys``.
-
-        An exact match on the ``(source_model, source_pk, xid)`` index. ``capture`` is set
-        until delivery claims a row, so a claimed row is never taken for one of this
+        One exact match on the ``(source_model, source_pk, xid)`` index per key: each lookup
+        is a fenced ``LATERAL`` subquery, so the plan cannot match ``source_pk`` as a filter
+        after the index found every row of the model with this ``xid`` (a generic plan did,
+        reading every message of the model the outbox held). ``capture`` is set until
+        delivery claims a row, so a claimed row is never taken for one of this
         transaction's, whatever its ``xid`` (a database restored into a new cluster counts
         transaction ids from the start again).
         """
         return (
-            f"m.source_model = {literal(label)} AND m.source_pk IN ({keys}) AND m.xid = x "
-            "AND m.capture IS NOT NULL"
+            f"SELECT m.* FROM ({keys}) k(pk), LATERAL (SELECT m.id, m.source_pk, m.message_id, "
+            f"m.capture FROM {self.message} m WHERE m.source_model = {literal(label)} "
+            "AND m.source_pk = k.pk AND m.xid = x AND m.capture IS NOT NULL "
+            f"AND m.type = {literal(kind)} {FENCE}) m"
         )
 
     # --- one model ------------------------------------------------------------------------
@@ -584,9 +583,9 @@ class Generator:
             # The owner goes: its identify of this transaction goes too, with the digest.
             identity_label = identity.model._meta.label_lower
             ctes += [
-                f"idgone AS (DELETE FROM {self.message} m WHERE "
-                f"{self._written_here(identity_label, f'SELECT {pk_c} FROM c')} "
-                "AND m.type = 'identify' RETURNING m.user_id, m.message_id)",
+                f"idgone AS (DELETE FROM {self.message} m WHERE m.id IN (SELECT id FROM "
+                f"({self._open_entries(identity_label, 'identify', f'SELECT {pk_c} FROM c')}) "
+                "i) RETURNING m.user_id, m.message_id)",
                 f"forgot AS (DELETE FROM {self.digests} d USING idgone "
                 "WHERE d.user_id = idgone.user_id AND d.message_id = idgone.message_id)",
             ]
@@ -646,41 +645,65 @@ class Generator:
             rows, stored = self._pairs(config), "jsonb_build_array(q.j, q.oj)"
         else:
             rows, stored = jsonb_rows(transition), "q.j"
-        # The rows' owners are gathered from the jsonb the statement stores anyway, for the
-        # re-identify (reading them from the transition table again cost a third as much).
         # The rows are stored in parts of at most STORE_ROWS rows and about STORE_BYTES
         # bytes: a jsonb value cannot exceed 256 MB, and a statement must never fail on it.
-        owner_pk, _ = self.sql.owner(config, registry.configured_identity, "q.j")
-        store = (
-            f"    WITH q AS MATERIALIZED (SELECT {stored} AS s, {owner_pk} AS o FROM {rows} q), "
-            "p AS (SELECT s, (row_number() OVER w - 1) / "
-            f"{STORE_ROWS} AS by_rows, sum(pg_column_size(s)) OVER w / {STORE_BYTES} AS by_size "
-            "FROM q WINDOW w AS (ROWS UNBOUNDED PRECEDING)), "
-            f"stored AS (INSERT INTO {self.deferred} (xid, source_model, operation, expander, "
-            "rows, row_count, stamp, message_id_prefix, ambient, created_at) "
-            f"SELECT x, {literal(config.model._meta.label_lower)}, {literal(operation)}, "
-            f"{literal(expander_name(config, operation))}, jsonb_agg(s), count(*), "
-            "stamp, idp, ambient, clock_timestamp() FROM p GROUP BY by_rows, by_size "
-            "RETURNING 1) "
-            "SELECT ARRAY(SELECT o FROM q), (SELECT count(*) FROM stored) "
-            "INTO candidates, written;\n"
-            f"    flagged := CASE WHEN written > 0 THEN set_config({literal(DEFERRED_SETTING)}, "
-            "'on', true) END;\n"
+        columns = (
+            f"INSERT INTO {self.deferred} (xid, source_model, operation, expander, rows, "
+            "row_count, stamp, message_id_prefix, ambient, created_at)"
         )
+        constants = (
+            f"x, {literal(config.model._meta.label_lower)}, {literal(operation)}, "
+            f"{literal(expander_name(config, operation))}"
+        )
+        in_parts = (
+            f"WITH p AS (SELECT s, (row_number() OVER w - 1) / {STORE_ROWS} AS by_rows, "
+            f"sum(pg_column_size(s)) OVER w / {STORE_BYTES} AS by_size "
+            f"FROM (SELECT {stored} AS s FROM {rows} q) q "
+            "WINDOW w AS (ROWS UNBOUNDED PRECEDING)), "
+            f"stored AS ({columns} SELECT {constants}, jsonb_agg(s), count(*), "
+            "stamp, idp, ambient, now() FROM p GROUP BY by_rows, by_size "
+            "RETURNING 1) "
+            "SELECT count(*) FROM stored INTO written;\n"
+        )
+        # Stored with now(), its transaction's start (see _row_values).
         # Counting the transition table is a query, which every single-row write would pay
         # for (about 20k instructions). The rows this backend has written to the table and not
         # yet reported to the statistics (the statement's among them, so never fewer) are a
         # plain function call: the table is counted only when they could be enough. A
         # transaction with deferred statements has written no track row (they are expanded
-        # before one is), so the common case, neither, costs one expression. A deferred
-        # statement's function ends in its branch.
+        # before one is), so the common case, neither, costs one expression.
         stat = f"pg_stat_get_xact_tuples_{counted}(TG_RELID) >= {limit}"
+        if limit == 1:
+            # Every statement is deferred, most of them of one row: one query takes up to
+            # two rows, as the value to store, and a statement of one row is stored with a
+            # plain INSERT (the windowed store costs a single-row write about 80k
+            # instructions more).
+            store = (
+                f"        SELECT count(*), jsonb_agg({stored}) INTO written, one "
+                f"FROM (SELECT * FROM {rows} q LIMIT 2) q;\n"
+                "        IF written = 1 THEN\n"
+                f"            {columns} VALUES ({constants}, one, 1, stamp, idp, ambient, "
+                "now());\n"
+                "        ELSIF written > 1 THEN\n"
+                f"            {in_parts}"
+                "        END IF;\n"
+            )
+        else:
+            store = (
+                f"        IF EXISTS (SELECT 1 FROM {transition} OFFSET {limit - 1}) THEN\n"
+                f"            {in_parts}"
+                "        END IF;\n"
+            )
+        # A deferred statement's function ends in its branch (``written``: the parts stored):
+        # its owners are re-identified when it is expanded (see _expander).
         return (
             f"    IF NOT {self._flagged(TRACKED_SETTING)} AND "
             f"({self._flagged(DEFERRED_SETTING)} OR {stat}) THEN\n"
-            f"        IF {stat} AND EXISTS (SELECT 1 FROM {transition} OFFSET {limit - 1}) THEN\n"
-            f"{store}{self._identify_call(config, transition, 'candidates')}"
+            f"        IF {stat} THEN\n{store}"
+            "        IF written > 0 THEN\n"
+            f"            flagged := set_config({literal(DEFERRED_SETTING)}, 'on', true);\n"
             "            RETURN NULL;\n"
+            "        END IF;\n"
             "        END IF;\n"
             f"    {expand_first}"
             "    END IF;\n"
@@ -690,7 +713,14 @@ class Generator:
     def _expander(self, config: ModelConfig, operation: str) -> str:
         """The function writing the messages of one deferred statement of ``operation``:
         the trigger's statement, on the stored rows, combined with what the transaction
-        wrote before (its earlier deferred statements, expanded in order)."""
+        wrote before (its earlier deferred statements, expanded in order); then the owners'
+        re-identify, as the trigger does after its statement, with the traits they have now.
+
+        The re-identify waits for the expansion too: its digest check (the owners' rows,
+        their traits as JSON, an md5, three index lookups) was half of what a single-row
+        write cost the trigger, and an owner whose traits changed meanwhile is identified
+        with the traits it has, which are the ones to send.
+        """
         rows = "(SELECT e AS j FROM jsonb_array_elements(data) e)"
         if operation == "insert":
             statement = self._created(config, rows, made="made")
@@ -704,9 +734,17 @@ class Generator:
             f"INTO x, stamp, idp, ambient, data, made FROM {self.deferred} s "
             "WHERE s.id = statement;\n"
             "    IF NOT FOUND THEN RETURN; END IF;\n"
-            f"    {statement};"
+            f"    {statement};\n"
         )
-        declare = "    data jsonb;\n    made timestamptz;\n"
+        identify = self._identify_call(config, "", "candidates")
+        if identify:
+            first = "e->0" if operation == "update" else "e"  # an update's owners: new rows'
+            owner_pk, _ = self.sql.owner(config, registry.configured_identity, f"({first})")
+            body += (
+                f"    candidates := ARRAY(SELECT {owner_pk} FROM jsonb_array_elements(data) e);\n"
+                f"{identify}"
+            )
+        declare = "    data jsonb;\n    made timestamptz;\n    candidates text[];\n"
         return self._function(
             expander_name(config, operation), body, arguments="statement bigint", declare=declare
         )
@@ -720,8 +758,14 @@ class Generator:
             f"CREATE OR REPLACE FUNCTION {self.q(EXPAND_FUNCTION)}(xids bigint[]) "
             f"RETURNS integer LANGUAGE plpgsql SECURITY DEFINER {self.options} AS {BODY_TAG}\n"
             "DECLARE\n    s record;\n    n integer := 0;\nBEGIN\n"
+            # Every one: the transactions of all. So that each query below matches on the xid
+            # index (with "xids IS NULL OR …" a generic plan reads the whole table, and a
+            # trigger that expands its own transaction's statements would pay for a backlog).
+            "    IF xids IS NULL THEN\n"
+            f"        xids := ARRAY(SELECT DISTINCT d.xid FROM {self.deferred} d);\n"
+            "    END IF;\n"
             f"    FOR s IN SELECT d.id, d.expander FROM {self.deferred} d "
-            f"WHERE (xids IS NULL OR d.xid = ANY(xids)) AND {EXPANDER_EXISTS.format('d.expander')} "
+            f"WHERE d.xid = ANY(xids) AND {EXPANDER_EXISTS.format('d.expander')} "
             "ORDER BY d.id FOR UPDATE LOOP\n"
             "        EXECUTE format('SELECT %I($1)', s.expander) USING s.id;\n"
             f"        DELETE FROM {self.deferred} WHERE id = s.id;\n"
@@ -733,7 +777,7 @@ class Generator:
             # they are.
             f"        PERFORM set_config({literal(TRACKED_SETTING)}, 'on', true);\n"
             f"        IF NOT EXISTS (SELECT 1 FROM {self.deferred} d "
-            "WHERE xids IS NULL OR d.xid = ANY(xids)) THEN\n"
+            "WHERE d.xid = ANY(xids)) THEN\n"
             f"            PERFORM set_config({literal(DEFERRED_SETTING)}, '', true);\n"
             "        END IF;\n"
             "    END IF;\n"

@@ -14,14 +14,15 @@ from tests.conftest import DATABASE
 
 
 class Outbox:
-    """The messages in the outbox, oldest first, parsed."""
+    """The messages in the outbox, parsed, in the order delivery sends them (a deferred
+    statement's messages are due from when it ran, though written later)."""
 
     def __init__(self, using: str = "default") -> None:
         self.using = using
 
     def rows(self) -> list[Message]:
         deferred.expand(self.using)  # what delivery does first
-        return list(Message.objects.using(self.using).order_by("id"))
+        return list(Message.objects.using(self.using).order_by("next_attempt_at", "id"))
 
     def all(self) -> list[dict]:
         return [json.loads(m.payload, parse_float=Decimal) for m in self.rows()]
@@ -41,16 +42,17 @@ class Outbox:
 
 
 #: The capture engines the core's behaviour tests run under: both on PostgreSQL, where the
-#: trigger engine must write the messages the signal engine writes, also when it defers
-#: statements ("deferred": every statement of a deferrable model stored whole, and
-#: expanded into messages when the outbox is read, as delivery does before claiming).
-ENGINES = ["signals", "triggers", "deferred"] if DATABASE == "postgres" else ["signals"]
+#: trigger engine must write the messages the signal engine writes, whether it defers
+#: statements ("triggers", as configured by default: every statement of a deferrable model
+#: stored whole and expanded into messages when the outbox is read, as delivery does before
+#: claiming) or writes every message in its statement ("immediate").
+ENGINES = ["signals", "triggers", "immediate"] if DATABASE == "postgres" else ["signals"]
 
 
 def use_engine(settings, name: str) -> str:
     """Capture with the engine ``name`` (one of :data:`ENGINES`; triggers get installed)."""
     capture = "signals" if name == "signals" else "triggers"
-    defer = {"DEFER_STATEMENT_ROWS": 1} if name == "deferred" else {}
+    defer = {"DEFER_STATEMENT_ROWS": None} if name == "immediate" else {}
     settings.DJANGO_CDP = {**settings.DJANGO_CDP, "CAPTURE": capture, **defer}
     return name
 

@@ -1,4 +1,4 @@
-"""Deferred statements: a large statement is stored whole and becomes its messages later."""
+"""Deferred statements: a statement is stored whole and becomes its messages later."""
 
 from __future__ import annotations
 
@@ -70,13 +70,26 @@ def test_large_updates_and_deletes_are_deferred_with_what_they_changed(shop, def
     assert {m["userId"] for m in tracks} == {str(shop.pk)}
 
 
-def test_the_owner_is_re_identified_when_the_statement_runs(shop, defer):
-    """Traits are read at the change, not at expansion: the identify is written at once."""
+def test_the_owner_is_re_identified_when_the_statement_is_expanded(shop, defer):
+    """The re-identify waits with the messages, and sends the traits the owner has then."""
     TraitsDigest.objects.all().delete()
     Payout.objects.bulk_create(payouts(shop, 3))
+    assert messages(type="identify", expand=False) == []
+    with django_cdp.tracking_disabled():
+        type(shop).objects.filter(pk=shop.pk).update(email="later@acme.example")
     (identify,) = messages(type="identify")
     assert identify["userId"] == str(shop.pk)
-    assert stored() == [("payouts.payout", "insert", 3)]
+    assert identify["context"]["traits"]["email"] == "later@acme.example"
+    assert stored() == []
+
+
+def test_an_owner_deleted_before_the_expansion_gets_no_identify(shop, defer):
+    TraitsDigest.objects.all().delete()
+    Payout.objects.bulk_create(payouts(shop, 3))
+    with django_cdp.tracking_disabled():
+        shop.delete()
+    assert events() == ["Payout Created"] * 3
+    assert messages(type="identify") == []
 
 
 def test_expanded_messages_keep_the_statements_time_and_context(shop, defer):
@@ -257,7 +270,7 @@ def test_a_backlog_is_expanded_oldest_first_in_bounded_transactions(shop, defer,
         Payout.objects.bulk_create(payouts(shop, n))  # three transactions
     assert deferred.expand(max_rows=4) == 2  # 3 rows, then 4: past max_rows, it stops
     assert stored() == [("payouts.payout", "insert", 5)]
-    assert len(events()) == 7
+    assert len(events(expand=False)) == 7
     assert deferred.expand() == 1  # alone past ROWS_PER_TRANSACTION: a transaction is whole
     assert len(events()) == 12
 
@@ -324,7 +337,7 @@ def test_health_counts_deferred_statements_and_calls_old_ones_stuck(shop, defer)
     )
     status = health.report()["status"]
     assert not status.ok
-    assert "2 large statement(s) of 7 rows deferred" in status.message
+    assert "2 statement(s) of 7 rows deferred" in status.message
     out = io.StringIO()
     with pytest.raises(SystemExit):
         call_command("cdp_health", stdout=out)

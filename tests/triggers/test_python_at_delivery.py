@@ -9,6 +9,7 @@ import pytest
 from django.db import connection, transaction
 
 from django_cdp import delivery, payloads
+from django_cdp.capture import deferred
 from django_cdp.models import Message
 from django_cdp.signals import message_created
 from example_project.payouts.models import Payout
@@ -20,6 +21,8 @@ HOOKS = "tests.validation.hooks."
 
 
 def claim() -> list[delivery.Claimed]:
+    """Claim a batch as a drain does: the deferred statements expanded first."""
+    deferred.expand()
     return delivery.claim(
         "default", "test-token", max_messages=100, max_bytes=500_000, lease_seconds=60
     ).rows
@@ -28,6 +31,7 @@ def claim() -> list[delivery.Claimed]:
 def test_the_enrichment_hook_runs_at_the_claim_and_once(shop):
     with django_cdp_settings(ENRICH_MESSAGE=HOOKS + "amount_as_text"):
         Payout.objects.create(shop=shop, amount=Decimal("5"), currency="EUR")
+        deferred.expand()
         (stored,) = Message.objects.filter(type="track")
         assert stored.data["properties"]["amount"] == Decimal("5.00")  # as the trigger wrote it
         assert stored.capture is not None
@@ -43,6 +47,7 @@ def test_claiming_trigger_written_rows_updates_them_in_place(shop):
     """The claim of a trigger's rows is a HOT update: no new entry in any outbox index."""
     for amount in ("1", "2", "3"):
         Payout.objects.create(shop=shop, amount=Decimal(amount), currency="EUR")
+    deferred.expand()
     assert Message.objects.filter(type="track", xid__isnull=False).count() == 3
 
     def updates() -> tuple[int, int]:
@@ -79,6 +84,7 @@ def test_a_message_that_breaks_the_plan_is_kept_back_without_any_hook(shop):
     back one the plan refuses: here as a column whose type drifted from its model field
     (a text ``amount``) makes the trigger write it."""
     Payout.objects.create(shop=shop, amount=Decimal("5"), currency="EUR")
+    deferred.expand()
     good = Message.objects.get(type="track")
     drifted = json.loads(good.payload)
     drifted["properties"]["amount"] = "five"

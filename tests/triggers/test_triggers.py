@@ -15,7 +15,7 @@ from django_cdp.capture import engines, triggers
 from django_cdp.models import Message, TraitsDigest
 from example_project.payouts.models import Payout
 from example_project.shops.models import Shop
-from tests.triggers.conftest import events, messages
+from tests.triggers.conftest import clear, events, messages
 
 pytestmark = pytest.mark.postgres
 
@@ -39,7 +39,7 @@ def test_bulk_create_writes_one_created_per_row(shop):
 
 def test_queryset_update_writes_one_updated_per_changed_row(shop):
     Payout.objects.bulk_create(payouts(shop))
-    Message.objects.all().delete()
+    clear()
     Payout.objects.filter(amount__gte=2).update(currency="USD")
     tracks = messages(type="track")
     assert [m["event"] for m in tracks] == ["Payout Updated"] * 2
@@ -48,7 +48,7 @@ def test_queryset_update_writes_one_updated_per_changed_row(shop):
 
 def test_bulk_update_writes_only_real_changes(shop):
     created = Payout.objects.bulk_create(payouts(shop))
-    Message.objects.all().delete()
+    clear()
     created[0].currency = "USD"
     Payout.objects.bulk_update(created, ["currency"])
     assert events() == ["Payout Updated"]
@@ -64,7 +64,7 @@ def test_queryset_delete_and_raw_sql_are_captured(shop):
 
 def test_an_update_that_changes_nothing_tracked_writes_nothing(shop):
     Payout.objects.bulk_create(payouts(shop))
-    Message.objects.all().delete()
+    clear()
     Payout.objects.update(created_at=shop.created_at)
     assert messages() == []
 
@@ -88,7 +88,7 @@ def test_create_then_updates_is_one_created_with_final_values(shop):
 
 def test_changes_that_cancel_out_leave_nothing(shop):
     payout = Payout.objects.create(shop=shop, amount=Decimal("1"), currency="EUR")
-    Message.objects.all().delete()
+    clear()
     with transaction.atomic():
         Payout.objects.filter(pk=payout.pk).update(amount=Decimal("5"))
         Payout.objects.filter(pk=payout.pk).update(amount=Decimal("1"))
@@ -97,7 +97,7 @@ def test_changes_that_cancel_out_leave_nothing(shop):
 
 def test_updates_give_changed_fields_against_the_transactions_start(shop):
     payout = Payout.objects.create(shop=shop, amount=Decimal("1"), currency="EUR")
-    Message.objects.all().delete()
+    clear()
     with transaction.atomic():
         Payout.objects.filter(pk=payout.pk).update(amount=Decimal("5"))
         Payout.objects.filter(pk=payout.pk).update(currency="USD")
@@ -107,7 +107,7 @@ def test_updates_give_changed_fields_against_the_transactions_start(shop):
 
 def test_update_then_delete_is_only_deleted_and_create_then_delete_nothing(shop):
     payout = Payout.objects.create(shop=shop, amount=Decimal("1"), currency="EUR")
-    Message.objects.all().delete()
+    clear()
     with transaction.atomic():
         Payout.objects.filter(pk=payout.pk).update(amount=Decimal("5"))
         payout.delete()
@@ -154,7 +154,7 @@ def test_a_statement_of_many_rows_of_one_owner_identifies_it_once_when_traits_ch
     assert events() == ["Payout Created"] * 5
     (identify,) = messages(type="identify")
     assert identify["traits"]["email"] == "quiet@acme.example"
-    Message.objects.all().delete()
+    clear()
     Payout.objects.filter(shop=shop).update(currency="USD")
     assert events() == ["Payout Updated"] * 5
     assert messages(type="identify") == []
@@ -162,7 +162,7 @@ def test_a_statement_of_many_rows_of_one_owner_identifies_it_once_when_traits_ch
 
 def test_a_deleted_owner_gets_its_deleted_and_no_identify(shop):
     Payout.objects.create(shop=shop, amount=Decimal("1"), currency="EUR")
-    Message.objects.all().delete()
+    clear()
     pk = shop.pk
     shop.delete()  # cascades to its payouts first
     assert sorted(events()) == ["Payout Deleted", "Shop Deleted"]
