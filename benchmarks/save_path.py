@@ -343,10 +343,31 @@ class Bench:
         elapsed = time.monotonic() - started
 
         self.report(cells, samples, sql, elapsed)
+        self.expand_single_rows()
         self.bulk(self.bulk_rounds)
         self.breakdown(max(100, self.ops // 10))
         self.sanity_check()
         print(f"# load average {_common.load_average()} at the end")
+
+    def expand_single_rows(self) -> None:
+        """What delivery does later with the statements the trigger variants deferred (every
+        single-row write, with ``DEFER_STATEMENT_ROWS = 1``): expand them, timed per message."""
+        from django_cdp.capture import deferred
+        from django_cdp.models import DeferredStatement, Message
+
+        waiting = DeferredStatement.objects.count()
+        if not waiting:
+            return
+        before = Message.objects.count()
+        started = time.perf_counter()
+        statements = deferred.expand()
+        seconds = time.perf_counter() - started
+        written = Message.objects.count() - before
+        print(
+            f"triggers: the timed ops deferred {waiting:,} statements; delivery's expansion "
+            f"(not part of the write) turned {statements:,} of them into {written:,} messages "
+            f"in {seconds:.1f} s: {seconds * 1e6 / max(written, 1):.0f} µs a message\n"
+        )
 
     def bulk(self, rounds: int, rows: int = 10_000) -> None:
         """A ``QuerySet.update()`` of ``rows`` rows, a ``bulk_create`` of ``rows`` and a load
