@@ -28,7 +28,7 @@ def demo_payout(request: HttpRequest) -> HttpResponse:
         Payout.objects.create(shop=shop, amount=Decimal("12.50"), currency="EUR")
         # The trigger engine stores the statement; its message is written when delivery
         # runs, or now, for this answer (the signal engine has written it already).
-        deferred.expand()
+        deferred.expand_own()
         written = Message.objects.filter(pk__gt=last).order_by("pk")
         payloads = [m.payload for m in written]  # the JSON text exactly as it will be sent
     body = '{"messages": [' + ",\n".join(payloads) + "]}"

@@ -73,6 +73,25 @@ def expand(
     return expanded
 
 
+def expand_own(using: str = DEFAULT_DB_ALIAS) -> int:
+    """Turn the statements the current transaction deferred into messages now; returns how
+    many.
+
+    For code that reads back the messages its own transaction wrote (a view that shows them,
+    a test inside ``TestCase``'s transaction): only this transaction's statements, without
+    the lock delivery takes and without the backlog. Outside a transaction the statements
+    are committed already: :func:`expand` expands them.
+    """
+    connection = connections[using]
+    if connection.vendor != "postgresql" or not connection.in_atomic_block:
+        return 0
+    with connection.cursor() as cursor:
+        # No transaction id yet: nothing written, so nothing deferred.
+        cursor.execute("SELECT pg_current_xact_id_if_assigned()::text::bigint")
+        xid = cursor.fetchone()[0]
+    return expand_pending(connection, [xid]) if xid is not None else 0
+
+
 def _next_transactions(using: str, last: int) -> list[tuple[int, int]]:
     """``(xid, rows)`` of the transactions whose statements are expanded next: the oldest
     first, about :data:`ROWS_PER_TRANSACTION` rows of them, at least one transaction, none

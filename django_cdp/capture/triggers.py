@@ -122,7 +122,9 @@ def function_name(config: ModelConfig, operation: str) -> str:
 
 
 def identify_function(identity: IdentityConfig) -> str:
-    return _name("identify", identity.model._meta.db_table)
+    # "identify_owners": the function of SQL_VERSION 5 and before ("identify") took the owners
+    # alone; a new name, so that no overload of the old one is left to call.
+    return _name("identify_owners", identity.model._meta.db_table)
 
 
 def expander_name(config: ModelConfig, operation: str) -> str:
@@ -289,9 +291,16 @@ class Generator:
             f"    ambient := {AMBIENT};\n"
         )
 
-    def _identify_call(self, config: ModelConfig, rows: str, candidates: str = "") -> str:
+    def _identify_call(
+        self, config: ModelConfig, rows: str, candidates: str = "", made: str = "NULL"
+    ) -> str:
         """Re-identify the owners of ``rows`` (or of the array ``candidates``, gathered
         already): call the identity function only when one of them may need an identify.
+
+        The identify belongs to the statement's transaction (``x``), time, message-id prefix
+        and context (``stamp``, ``idp``, ``ambient``), and is due from ``made`` (an expanded
+        statement's) or, NULL, from now: the caller's, or the stored statement's an expander
+        read.
 
         Most changes leave their owner's traits as they were. Until this transaction has
         written an identify (:data:`IDENTIFIED_SETTING`), the last identify recorded for an
@@ -307,7 +316,10 @@ class Generator:
         else:
             given = f"(SELECT {owner_pk} AS o FROM {jsonb_rows(rows)} r) q"
         owners = f"ARRAY(SELECT DISTINCT o FROM {given} WHERE o IS NOT NULL)"
-        call = f"PERFORM {self.q(identify_function(identity))}({owners});"
+        call = (
+            f"PERFORM {self.q(identify_function(identity))}({owners}, x, stamp, idp, ambient, "
+            f"{made});"
+        )
         if cdp_settings.SEND_UNCHANGED_IDENTIFY:
             return f"    {call}\n"
         traits, error = self.sql.traits(identity, "r.s")
@@ -665,20 +677,26 @@ class Generator:
             "RETURNING 1) "
             "SELECT count(*) FROM stored INTO written;\n"
         )
-        # Stored with now(), its transaction's start (see _row_values).
-        # Counting the transition table is a query, which every single-row write would pay
-        # for (about 20k instructions). The rows this backend has written to the table and not
-        # yet reported to the statistics (the statement's among them, so never fewer) are a
-        # plain function call: the table is counted only when they could be enough. A
-        # transaction with deferred statements has written no track row (they are expanded
-        # before one is), so the common case, neither, costs one expression.
-        stat = f"pg_stat_get_xact_tuples_{counted}(TG_RELID) >= {limit}"
+        # Stored with now(), its transaction's start (see _row_values). A deferred statement's
+        # function ends in its branch (``written``: the parts stored): its owners are
+        # re-identified when it is expanded (see _expander).
+        stored_whole = (
+            "        IF written > 0 THEN\n"
+            f"            flagged := set_config({literal(DEFERRED_SETTING)}, 'on', true);\n"
+            "            RETURN NULL;\n"
+            "        END IF;\n"
+        )
+        tracked = self._flagged(TRACKED_SETTING)
         if limit == 1:
             # Every statement is deferred, most of them of one row: one query takes up to
             # two rows, as the value to store, and a statement of one row is stored with a
             # plain INSERT (the windowed store costs a single-row write about 80k
-            # instructions more).
-            store = (
+            # instructions more). A statement of no rows (Django's fast delete of an empty
+            # set, the UPDATE that save() tries before an INSERT) has nothing to write and
+            # nothing to expand first; an update whose rows do not pair (changed primary
+            # keys) goes on to the statement that writes its messages.
+            return (
+                f"    IF NOT {tracked} THEN\n"
                 f"        SELECT count(*), jsonb_agg({stored}) INTO written, one "
                 f"FROM (SELECT * FROM {rows} q LIMIT 2) q;\n"
                 "        IF written = 1 THEN\n"
@@ -686,25 +704,27 @@ class Generator:
                 "now());\n"
                 "        ELSIF written > 1 THEN\n"
                 f"            {in_parts}"
+                f"        ELSIF NOT EXISTS (SELECT 1 FROM {transition}) THEN\n"
+                "            RETURN NULL;\n"
                 "        END IF;\n"
+                f"{stored_whole}"
+                f"    {expand_first}"
+                "    END IF;\n"
+                f"{main}"
             )
-        else:
-            store = (
-                f"        IF EXISTS (SELECT 1 FROM {transition} OFFSET {limit - 1}) THEN\n"
-                f"            {in_parts}"
-                "        END IF;\n"
-            )
-        # A deferred statement's function ends in its branch (``written``: the parts stored):
-        # its owners are re-identified when it is expanded (see _expander).
+        # Counting the transition table is a query, which every single-row write would pay
+        # for (about 20k instructions). The rows this backend has written to the table and not
+        # yet reported to the statistics (the statement's among them, so never fewer) are a
+        # plain function call: the table is counted only when they could be enough. A
+        # transaction with deferred statements has written no track row (they are expanded
+        # before one is), so the common case, neither, costs one expression.
+        stat = f"pg_stat_get_xact_tuples_{counted}(TG_RELID) >= {limit}"
         return (
-            f"    IF NOT {self._flagged(TRACKED_SETTING)} AND "
-            f"({self._flagged(DEFERRED_SETTING)} OR {stat}) THEN\n"
-            f"        IF {stat} THEN\n{store}"
-            "        IF written > 0 THEN\n"
-            f"            flagged := set_config({literal(DEFERRED_SETTING)}, 'on', true);\n"
-            "            RETURN NULL;\n"
+            f"    IF NOT {tracked} AND ({self._flagged(DEFERRED_SETTING)} OR {stat}) THEN\n"
+            f"        IF {stat} AND EXISTS (SELECT 1 FROM {transition} OFFSET {limit - 1}) THEN\n"
+            f"            {in_parts}"
             "        END IF;\n"
-            "        END IF;\n"
+            f"{stored_whole}"
             f"    {expand_first}"
             "    END IF;\n"
             f"{main}"
@@ -736,7 +756,7 @@ class Generator:
             "    IF NOT FOUND THEN RETURN; END IF;\n"
             f"    {statement};\n"
         )
-        identify = self._identify_call(config, "", "candidates")
+        identify = self._identify_call(config, "", "candidates", made="made")
         if identify:
             first = "e->0" if operation == "update" else "e"  # an update's owners: new rows'
             owner_pk, _ = self.sql.owner(config, registry.configured_identity, f"({first})")
@@ -757,16 +777,23 @@ class Generator:
         return (
             f"CREATE OR REPLACE FUNCTION {self.q(EXPAND_FUNCTION)}(xids bigint[]) "
             f"RETURNS integer LANGUAGE plpgsql SECURITY DEFINER {self.options} AS {BODY_TAG}\n"
-            "DECLARE\n    s record;\n    n integer := 0;\nBEGIN\n"
+            "DECLARE\n    s record;\n    n integer := 0;\n"
+            "    own bigint := pg_current_xact_id()::text::bigint;\nBEGIN\n"
             # Every one: the transactions of all. So that each query below matches on the xid
             # index (with "xids IS NULL OR …" a generic plan reads the whole table, and a
             # trigger that expands its own transaction's statements would pay for a backlog).
             "    IF xids IS NULL THEN\n"
             f"        xids := ARRAY(SELECT DISTINCT d.xid FROM {self.deferred} d);\n"
             "    END IF;\n"
-            f"    FOR s IN SELECT d.id, d.expander FROM {self.deferred} d "
+            f"    FOR s IN SELECT d.id, d.xid, d.expander FROM {self.deferred} d "
             f"WHERE d.xid = ANY(xids) AND {EXPANDER_EXISTS.format('d.expander')} "
             "ORDER BY d.id FOR UPDATE LOOP\n"
+            # Another transaction's statement (delivery): the identifies this one wrote are
+            # not that transaction's, so its re-identify starts from the digests (the
+            # identity function finds that transaction's own identify by its xid).
+            "        IF s.xid <> own THEN\n"
+            f"            PERFORM set_config({literal(IDENTIFIED_SETTING)}, '', true);\n"
+            "        END IF;\n"
             "        EXECUTE format('SELECT %I($1)', s.expander) USING s.id;\n"
             f"        DELETE FROM {self.deferred} WHERE id = s.id;\n"
             "        n := n + 1;\n"
@@ -811,8 +838,11 @@ class Generator:
             f"AS digest FROM cur {FENCE})",
         ]
 
-    def _identify_rows(self, identity: IdentityConfig) -> tuple[dict[str, str], dict[str, str]]:
-        """Column values of an identify row built in ``m``, and its status/reason/payload."""
+    def _identify_rows(
+        self, identity: IdentityConfig, made: str | None = None
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """Column values of an identify row built in ``m`` (written at ``made``, see
+        :meth:`_row_values`), and its status/reason/payload."""
         where = self.sql.describe(identity.model, "m.s")
         minimal = minimal_message("m.text", "identify")
         values = self._row_values(
@@ -822,6 +852,7 @@ class Generator:
             "jsonb_build_object('digest', m.digest)",
             where,
             minimal,
+            made,
         )
         return values, self._decided(minimal, where)
 
@@ -870,7 +901,7 @@ class Generator:
         label = identity.model._meta.label_lower
         unchanged = "TRUE" if cdp_settings.SEND_UNCHANGED_IDENTIFY else "FALSE"
         new_rows = "(SELECT * FROM m WHERE m.entry_id IS NULL) m"
-        values, decided = self._identify_rows(identity)
+        values, decided = self._identify_rows(identity, made="COALESCE(made, now())")
         reads = [
             *self._traits_ctes(identity, "owners"),
             f"e AS ({self._open_entries(label, 'identify', 'SELECT pk FROM cur')})",
@@ -901,12 +932,12 @@ class Generator:
         ]
         body = (
             "    IF owners IS NULL OR cardinality(owners) = 0 THEN RETURN; END IF;\n"
-            "    x := pg_current_xact_id()::text::bigint;\n"
+            "    x := at_x;\n"
             # Most changes leave the traits as they were: find that out with reads alone.
             f"    IF NOT EXISTS (WITH {', '.join(reads)} SELECT 1 {wanted}) THEN RETURN; END IF;\n"
-            f"    stamp := {TIMESTAMP};\n"
-            f"    idp := {MESSAGE_ID_PREFIX};\n"
-            f"    ambient := {AMBIENT};\n"
+            "    stamp := at_stamp;\n"
+            "    idp := at_idp;\n"
+            "    ambient := at_ambient;\n"
             "    WITH " + ",\n    ".join(reads + writes) + "\n"
             f"    INSERT INTO {self.digests} (user_id, digest, message_id, updated_at) "
             "SELECT w.user_id, w.digest, w.message_id, clock_timestamp() FROM written w "
@@ -916,9 +947,13 @@ class Generator:
             # Past the early return, an identify row was written or rewritten.
             f"    PERFORM set_config({literal(IDENTIFIED_SETTING)}, 'on', true);"
         )
-        return self._function(
-            identify_function(identity), body, arguments="owners text[]", declare=""
+        # The caller's transaction, time, id prefix and context, or those of the statement
+        # an expander expands (then also ``made``: the messages are due from then).
+        arguments = (
+            "owners text[], at_x bigint, at_stamp text, at_idp text, at_ambient jsonb, "
+            "made timestamptz"
         )
+        return self._function(identify_function(identity), body, arguments=arguments, declare="")
 
 
 # --- installation --------------------------------------------------------------------------------

@@ -101,7 +101,8 @@ def test_bulk_update_records_only_rows_that_changed(outbox, shop):
     payouts[2].currency = "GBP"
     django_cdp.bulk_update(payouts, ["currency"])
     tracks = outbox.tracks()
-    assert [t["properties"]["id"] for t in tracks] == [payouts[0].pk, payouts[2].pk]
+    # One statement: the trigger engine writes its rows' messages as a set.
+    assert sorted(t["properties"]["id"] for t in tracks) == [payouts[0].pk, payouts[2].pk]
     assert all(t["properties"]["changed_fields"] == ["currency"] for t in tracks)
 
 

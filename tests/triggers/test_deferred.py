@@ -342,3 +342,80 @@ def test_health_counts_deferred_statements_and_calls_old_ones_stuck(shop, defer)
     with pytest.raises(SystemExit):
         call_command("cdp_health", stdout=out)
     assert "deferred statements: 2 (7 rows) wait to become messages" in out.getvalue()
+
+
+# --- every statement (the default) ------------------------------------------------------------
+
+
+def test_by_default_a_single_row_write_is_stored_and_expanded_later(shop):
+    payout = Payout.objects.create(shop=shop, amount=Decimal("5"), currency="EUR")
+    payout.amount = Decimal("6")
+    payout.save()
+    assert stored() == [("payouts.payout", "insert", 1), ("payouts.payout", "update", 1)]
+    assert Message.objects.filter(type="track").count() == 0
+    created, updated = messages(type="track")
+    assert created["event"] == "Payout Created"
+    assert created["properties"]["amount"] == Decimal("5.00")
+    assert updated["properties"]["changed_fields"] == ["amount"]
+
+
+def test_a_statement_of_no_rows_stores_nothing_and_expands_nothing(shop):
+    with transaction.atomic():
+        Payout.objects.create(shop=shop, amount=Decimal("5"), currency="EUR")
+        Payout.objects.filter(pk=-1).update(currency="USD")
+        Payout.objects.filter(pk=-1).delete()
+        assert stored() == [("payouts.payout", "insert", 1)]  # still waiting, alone
+    assert events() == ["Payout Created"]
+
+
+def test_expand_own_expands_this_transactions_statements_only(shop):
+    Payout.objects.create(shop=shop, amount=Decimal("1"), currency="EUR")  # committed
+    with transaction.atomic():
+        Payout.objects.create(shop=shop, amount=Decimal("2"), currency="EUR")
+        assert deferred.expand_own() == 1
+        (track,) = messages(type="track", expand=False)
+        assert track["properties"]["amount"] == Decimal("2.00")
+    assert stored() == [("payouts.payout", "insert", 1)]
+    assert deferred.expand_own() == 0  # outside a transaction: nothing of its own
+
+
+def test_an_identify_written_at_the_expansion_is_the_statements(shop):
+    """Its transaction, time, context and due time are those of the statement it follows."""
+    TraitsDigest.objects.all().delete()
+    with django_cdp.context(ip="203.0.113.9"):
+        Payout.objects.create(shop=shop, amount=Decimal("5"), currency="EUR")
+    statement = DeferredStatement.objects.get()
+    with transaction.atomic():  # as delivery expands: in a transaction of its own
+        deferred.expand()
+    row = Message.objects.get(type="identify")
+    identify = row.data
+    assert identify["originalTimestamp"] == statement.stamp
+    assert identify["context"]["ip"] == "203.0.113.9"
+    assert (row.xid, row.created_at, row.next_attempt_at) == (
+        statement.xid,
+        statement.created_at,
+        statement.created_at,
+    )
+
+
+def test_the_expansion_identifies_an_owner_with_its_traits_then_and_only_when_changed(shop):
+    """Delivery expands many transactions in one of its own: each compares the traits the owner
+    has with the last identify recorded, so a change seen once is sent once."""
+    TraitsDigest.objects.all().delete()
+    Payout.objects.create(shop=shop, amount=Decimal("1"), currency="EUR")
+    with django_cdp.tracking_disabled():
+        type(shop).objects.filter(pk=shop.pk).update(email="second@acme.example")
+    Payout.objects.create(shop=shop, amount=Decimal("2"), currency="EUR")
+    deferred.expand()
+    emails = [m["context"]["traits"]["email"] for m in messages(type="identify")]
+    assert emails == ["second@acme.example"]  # the traits at the expansion, once: unchanged after
+    with django_cdp.tracking_disabled():
+        type(shop).objects.filter(pk=shop.pk).update(email="third@acme.example")
+    Payout.objects.create(shop=shop, amount=Decimal("3"), currency="EUR")
+    with django_cdp.tracking_disabled():
+        type(shop).objects.filter(pk=shop.pk).update(email="fourth@acme.example")
+    Payout.objects.create(shop=shop, amount=Decimal("4"), currency="EUR")
+    with transaction.atomic():
+        deferred.expand()
+    emails = [m["context"]["traits"]["email"] for m in messages(type="identify")]
+    assert emails == ["second@acme.example", "fourth@acme.example"]
