@@ -7,9 +7,10 @@ statement) of a model whose messages say only what is on the row
 index entries and JSON. The messages are written later by the generated
 functions, from the stored rows, exactly as the trigger would have written them:
 
-* by a later tracked statement of the same transaction, before its own messages (so the
-  rules of one transaction hold across both);
-* by delivery (:func:`expand`), before it claims the next batch, for committed ones;
+* by a later statement of the same transaction that is not deferred, before its own
+  messages (so the rules of one transaction hold across both), or by :func:`expand_own`;
+* by delivery (:func:`expand`), before it claims the next batch, for committed ones (their
+  owners' re-identify included);
 * by ``cdp_triggers install`` / ``uninstall``, before the functions change or go.
 """
 

@@ -652,7 +652,6 @@ class Generator:
         if operation not in deferred_operations(config):
             return expand_first + main
         transition = "old_rows" if operation == "delete" else "new_rows"
-        counted = {"insert": "inserted", "update": "updated", "delete": "deleted"}[operation]
         if operation == "update":
             rows, stored = self._pairs(config), "jsonb_build_array(q.j, q.oj)"
         else:
@@ -718,6 +717,7 @@ class Generator:
         # plain function call: the table is counted only when they could be enough. A
         # transaction with deferred statements has written no track row (they are expanded
         # before one is), so the common case, neither, costs one expression.
+        counted = {"insert": "inserted", "update": "updated", "delete": "deleted"}[operation]
         stat = f"pg_stat_get_xact_tuples_{counted}(TG_RELID) >= {limit}"
         return (
             f"    IF NOT {tracked} AND ({self._flagged(DEFERRED_SETTING)} OR {stat}) THEN\n"
@@ -771,9 +771,10 @@ class Generator:
 
     def expand_sql(self) -> str:
         """The function that expands deferred statements, in the order they ran: those of
-        the transactions in ``xids`` (a trigger: its own), or every one it can see (NULL:
-        delivery). A statement whose expander is gone (its model's triggers uninstalled)
-        stays where it is rather than failing the caller."""
+        the transactions in ``xids`` (a trigger's or ``expand_own``: its own; delivery: the
+        batch it chose), or every one it can see (NULL: ``cdp_triggers install`` /
+        ``uninstall``). A statement whose expander is gone (its model's triggers
+        uninstalled) stays where it is rather than failing the caller."""
         return (
             f"CREATE OR REPLACE FUNCTION {self.q(EXPAND_FUNCTION)}(xids bigint[]) "
             f"RETURNS integer LANGUAGE plpgsql SECURITY DEFINER {self.options} AS {BODY_TAG}\n"
